@@ -138,7 +138,11 @@ class Database(ABC):
         return stored is not None and verify_api_key(api_key, stored)
 
     async def get_lineage(self, agent_id: str, *, max_depth: int = 64) -> list[Identity]:
-        """Return the agent and its ancestors, nearest first; stops at a cycle."""
+        """Return the agent and its ancestors, nearest first.
+
+        Follows at most ``max_depth`` parent links; stops at a cycle or at a
+        parent id that names no agent.
+        """
         return await self._get_lineage(v.ident("agent_id", agent_id), v.integer("max_depth", max_depth, 1, 1000))
 
     async def list_children(self, agent_id: str) -> list[Identity]:
@@ -206,6 +210,9 @@ class Database(ABC):
             coherence=None if coherence is None else v.eisv("coherence", coherence),
             state=v.json_doc("state", state),
         )
+        clash = sorted(set(snap.state) & _STATE_KEYS)
+        if clash:
+            raise v.ValidationError("state", f"must not repeat {', '.join(clash)} (pass them as arguments)")
         return await self._record_agent_state(snap)
 
     async def get_latest_agent_state(self, agent_id: str) -> AgentState | None:
@@ -328,7 +335,7 @@ class Database(ABC):
             created_at=ts, updated_at=ts,
             status=v.choice("status", status, DISCOVERY_STATUSES),
             severity=None if severity is None else v.choice("severity", severity, SEVERITIES),
-            details=v.opt_text("details", details), tags=v.tags("tags", tags),
+            details=v.opt_text("details", details), tags=tuple(sorted(v.tags("tags", tags))),
             confidence=v.opt_number("confidence", confidence, 0.0, 1.0),
             related_files=tuple(files),
             resolved_at=ts if status == "resolved" else None,
@@ -336,7 +343,7 @@ class Database(ABC):
         return await self._add_discovery(disc)
 
     async def get_discovery(self, discovery_id: str) -> Discovery | None:
-        """Return the discovery with its tags, or None."""
+        """Return the discovery with its tags (sorted), or None."""
         return await self._get_discovery(v.ident("discovery_id", discovery_id))
 
     async def update_discovery_status(self, discovery_id: str, status: str) -> Discovery:
@@ -392,8 +399,8 @@ class Database(ABC):
         """Follow ``response_to`` links from a discovery to what it answers.
 
         Returns the discovery first, then each one it responds to, nearest
-        first (the first link by dst id where there are several); stops at a
-        cycle or ``max_depth``.
+        first (where there are several, the link to the lowest existing dst
+        id); follows at most ``max_depth`` links and stops at a cycle.
         """
         return await self._get_response_chain(
             v.ident("discovery_id", discovery_id), v.integer("max_depth", max_depth, 1, 1000))
@@ -565,6 +572,10 @@ class Database(ABC):
                                          now: datetime) -> DialecticSession: ...
     @abstractmethod
     async def _get_active_dialectic_sessions(self, agent_id: str) -> list[DialecticSession]: ...
+
+
+# The legacy state_json holds the EISV vector itself under these keys.
+_STATE_KEYS = frozenset({"E", "I", "S", "V", "coherence", "regime"})
 
 
 def _identity_metadata(value: Any) -> dict[str, Any]:

@@ -1,0 +1,1 @@
+../../src/govdb/sql/partitions.sql

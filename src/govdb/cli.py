@@ -1,0 +1,90 @@
+"""The `govdb` command line: a thin parser over commands.py."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from . import commands
+from .config import Settings
+from .errors import GovdbError
+
+DATA_DIR = click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
+                        default=Path(".govdb/pg"), show_default=True,
+                        help="Directory holding the local cluster, its log and state.")
+
+
+class _Cli(click.Group):
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except GovdbError as exc:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+
+
+def _settings(ctx: click.Context) -> Settings:
+    return Settings.from_env()
+
+
+@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks of errors.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """govdb: the governance store on SQLite, PostgreSQL + AGE, or both.
+
+    The store is chosen by DB_BACKEND (sqlite, postgres, dual) and the other
+    DB_* variables; see `govdb settings`.
+    """
+    ctx.obj = {"debug": debug}
+
+
+def _command(func, name: str | None = None, group: click.Group = cli):
+    """Register a settings-only command; its help is the function's first docstring line."""
+    @group.command(name or func.__name__.replace("_", "-"), help=func.__doc__.splitlines()[0])
+    @click.pass_context
+    def run(ctx: click.Context) -> None:
+        sys.exit(func(_settings(ctx)) or 0)
+    return run
+
+
+_command(commands.init)
+_command(commands.health)
+_command(commands.demo)
+_command(commands.show_settings, "settings")
+
+
+@cli.group()
+def pg() -> None:
+    """Run a local PostgreSQL 17 + Apache AGE for development, tests and CI."""
+
+
+@pg.command("start", help=commands.pg_start.__doc__.splitlines()[0])
+@DATA_DIR
+@click.option("--port", type=click.IntRange(1024, 65535), default=55432, show_default=True)
+def pg_start(data_dir: Path, port: int) -> None:
+    sys.exit(commands.pg_start(data_dir, port))
+
+
+@pg.command("stop", help=commands.pg_stop.__doc__.splitlines()[0])
+@DATA_DIR
+def pg_stop(data_dir: Path) -> None:
+    sys.exit(commands.pg_stop(data_dir))
+
+
+@pg.command("url", help=commands.pg_url.__doc__.splitlines()[0])
+@DATA_DIR
+def pg_url(data_dir: Path) -> None:
+    sys.exit(commands.pg_url(data_dir))
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()

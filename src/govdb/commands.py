@@ -1,0 +1,171 @@
+"""CLI commands as plain functions: settings first, results printed as tables.
+
+cli.py only parses arguments and calls these; tests call them directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from .backends import create_backend
+from .backends.base import Database
+from .config import Settings
+
+console = Console()
+
+
+def _run(coro):
+    return asyncio.run(coro)
+
+
+def show_settings(settings: Settings) -> None:
+    """Show the effective DB_* settings (passwords masked)."""
+    table = Table("variable", "value", title="govdb settings")
+    for key, value in settings.describe().items():
+        table.add_row(key, value)
+    console.print(table)
+
+
+def init(settings: Settings) -> int:
+    """Create or upgrade the schema of the configured store; safe to repeat."""
+    async def go() -> int:
+        async with create_backend(settings) as db:
+            h = await db.health()
+        table = Table("backend", "schema version", "graph", "store", title="govdb init")
+        table.add_row(h.backend, str(h.schema_version), h.graph, _where(settings))
+        console.print(table)
+        return 0 if h.ok else 1
+    return _run(go())
+
+
+def health(settings: Settings) -> int:
+    """Check that the configured store answers; exit 1 if it does not."""
+    async def go() -> int:
+        async with create_backend(settings) as db:
+            h = await db.health()
+        table = Table("check", "value", title=f"health of {h.backend}")
+        table.add_row("ok", "yes" if h.ok else "NO")
+        table.add_row("schema version", str(h.schema_version))
+        table.add_row("graph", h.graph)
+        for key, value in h.details.items():
+            table.add_row(str(key), str(value))
+        console.print(table)
+        return 0 if h.ok else 1
+    return _run(go())
+
+
+def _where(settings: Settings) -> str:
+    if settings.backend == "sqlite":
+        return str(settings.sqlite_path)
+    if settings.backend == "postgres":
+        return settings.postgres_url.masked
+    return f"{settings.sqlite_path} + {settings.postgres_url.masked}"
+
+
+def demo(settings: Settings) -> int:
+    """Write and read back every kind of record through get_db(); print what was stored."""
+    from . import close_db, init_db
+    from .keys import generate_api_key
+
+    async def go() -> int:
+        db = await init_db(settings)
+        try:
+            rows = await _demo_round(db, generate_api_key())
+        finally:
+            await close_db()
+        table = Table("record", "key", "read back", title=f"govdb demo on {settings.backend}: {_where(settings)}")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+        return 0
+    return _run(go())
+
+
+async def _demo_round(db: Database, key: str) -> list[tuple[str, str, str]]:
+    from .validate import now
+    run = now().strftime("%Y%m%dT%H%M%S%f")
+    lead, helper = f"demo-lead-{run}", f"demo-helper-{run}"
+    rows: list[tuple[str, str, str]] = []
+
+    ident = await db.create_identity(lead, api_key=key, tags=["demo"], notes="created by govdb demo")
+    child = await db.create_identity(helper, api_key=key + "-2", parent_agent_id=lead, spawn_reason="demo")
+    lineage = await db.get_lineage(helper)
+    rows.append(("identity", ident.agent_id, f"status={ident.status}, key verifies={await db.verify_api_key(lead, key)}"))
+    rows.append(("identity (child)", child.agent_id, "lineage " + " <- ".join(i.agent_id for i in lineage)))
+
+    sess = await db.create_session(f"sess-{run}", lead, ttl=timedelta(hours=1), client_type="demo")
+    sess = await db.touch_session(sess.session_id)
+    rows.append(("session", sess.session_id, f"active={sess.is_active}, expires {sess.expires_at:%H:%M} UTC"))
+
+    st = await db.record_agent_state(lead, energy=0.72, integrity=0.91, entropy=0.18, void=-0.05,
+                                     regime="nominal", coherence=0.88, state={"lambda1": 0.12})
+    latest = await db.get_latest_agent_state(lead)
+    rows.append(("agent state", str(st.id), f"E={latest.energy} I={latest.integrity} S={latest.entropy} V={latest.void} ({latest.regime})"))
+
+    cal = await db.get_calibration()
+    cal = await db.update_calibration({"bins": [0.25, 0.5, 0.75], "run": run},
+                                      expected_version=cal.version if cal else 0)
+    rows.append(("calibration", f"version {cal.version}", f"bins={cal.state['bins']}"))
+
+    ev, inserted = await db.append_audit_event("demo_checkin", agent_id=lead, session_id=sess.session_id,
+                                               details={"message": "demo check-in"})
+    found = await db.search_audit_events("demo check-in")
+    rows.append(("audit event", ev.event_id, f"inserted={inserted}, full-text hits={len(found)}"))
+
+    await db.record_tool_usage("demo_tool", agent_id=lead, latency_ms=12, success=True)
+    stats = {s.tool_name: s for s in await db.get_tool_stats(agent_id=lead)}
+    rows.append(("tool usage", "demo_tool", f"calls={stats['demo_tool'].calls}, avg={stats['demo_tool'].avg_latency_ms} ms"))
+
+    q = await db.add_discovery(f"disc-q-{run}", agent_id=lead, type="question", summary="Why does entropy rise at night?",
+                               tags=["demo", "entropy"])
+    a = await db.add_discovery(f"disc-a-{run}", agent_id=helper, type="answer",
+                               summary="Nightly batch jobs raise entropy", tags=["demo"], confidence=0.7)
+    await db.link_discoveries(a.id, q.id, edge_type="response_to", response_type="extend")
+    hits = await db.search_discoveries("entropy", tags=["demo"])
+    chain = await db.get_response_chain(a.id)
+    rows.append(("discovery", q.id, f"search hits={len(hits)}, chain " + " -> ".join(d.type for d in chain)))
+
+    ds = await db.create_dialectic_session(f"dialectic-{run}", paused_agent_id=helper, reason="demo review")
+    await db.assign_reviewer(ds.session_id, lead)
+    await db.add_dialectic_message(ds.session_id, agent_id=helper, message_type="thesis", reasoning="I was fine")
+    await db.set_dialectic_phase(ds.session_id, "antithesis")
+    await db.add_dialectic_message(ds.session_id, agent_id=lead, message_type="antithesis", concerns=["entropy"])
+    await db.set_dialectic_phase(ds.session_id, "synthesis")
+    await db.add_dialectic_message(ds.session_id, agent_id=helper, message_type="synthesis", agrees=True)
+    ds = await db.resolve_dialectic_session(ds.session_id, resolution={"action": "resume"})
+    full = await db.get_dialectic_session(ds.session_id)
+    rows.append(("dialectic session", ds.session_id, f"{ds.status} after {len(full.messages)} messages"))
+
+    h = await db.health()
+    rows.append(("health", h.backend, f"ok={h.ok}, schema v{h.schema_version}, graph {h.graph}"))
+    return rows
+
+
+def pg_start(data_dir: Path, port: int) -> int:
+    """Start a local PostgreSQL 17 + AGE on 127.0.0.1 with its data in DATA_DIR."""
+    from . import localpg
+    server = localpg.start(data_dir, port=port, log=lambda msg: console.print(f"[dim]{msg}[/dim]"))
+    table = Table("route", "url", "data dir", "pid", title="local PostgreSQL + AGE")
+    table.add_row(server.route, server.url, str(server.data_dir), str(server.pid))
+    console.print(table)
+    return 0
+
+
+def pg_stop(data_dir: Path) -> int:
+    """Stop the local PostgreSQL started from DATA_DIR."""
+    from . import localpg
+    stopped = localpg.stop(data_dir)
+    console.print("stopped" if stopped else "not running")
+    return 0
+
+
+def pg_url(data_dir: Path) -> int:
+    """Print the URL of the local PostgreSQL in DATA_DIR."""
+    from . import localpg
+    print(localpg.url(data_dir))
+    return 0
