@@ -82,11 +82,7 @@ class PgServer:
         return name
 
     async def drop_database(self, name: str) -> None:
-        conn = await self.admin()
-        try:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await conn.close()
+        await _drop_databases(self.url, [name])
 
 
 def settings_for(config: str, *, tmp_path: Path | None = None, pg_url: str | None = None) -> Settings:
@@ -108,7 +104,8 @@ async def _build_templates(url: str) -> dict[str, str]:
     import asyncpg
     from govdb.backends.postgres import PostgresDatabase
 
-    templates = {"postgres": "govdb_tpl_age", "postgres-noage": "govdb_tpl_noage"}
+    # Named per test run, so runs sharing one server do not drop each other's.
+    templates = {"postgres": f"govdb_tpl_age_{os.getpid()}", "postgres-noage": f"govdb_tpl_noage_{os.getpid()}"}
     conn = await asyncpg.connect(url)
     try:
         for name in templates.values():
@@ -123,8 +120,25 @@ async def _build_templates(url: str) -> dict[str, str]:
     return templates
 
 
+async def _drop_databases(url: str, names) -> None:
+    import asyncpg
+    conn = await asyncpg.connect(url)
+    try:
+        for name in names:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+def _in_thread(coro):
+    # A thread of its own: session fixtures may first be requested from
+    # inside a running event loop (an async fixture).
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
 @pytest.fixture(scope="session")
-def pg_server() -> PgServer:
+def pg_server():
     url = _server_url()
     if not url:
         message = ("no PostgreSQL for the tests: set GOVDB_TEST_POSTGRES_URL "
@@ -133,13 +147,11 @@ def pg_server() -> PgServer:
             pytest.fail(message)
         pytest.skip(message)
     try:
-        # A thread of its own: this fixture may be first requested from
-        # inside a running event loop (an async fixture).
-        with ThreadPoolExecutor(1) as pool:
-            templates = pool.submit(asyncio.run, _build_templates(url)).result()
+        templates = _in_thread(_build_templates(url))
     except OSError as exc:
         pytest.fail(f"PostgreSQL at {SecretUrl(url)} is not reachable: {exc}")
-    return PgServer(url=url, templates=templates)
+    yield PgServer(url=url, templates=templates)
+    _in_thread(_drop_databases(url, templates.values()))
 
 
 def pytest_generate_tests(metafunc):
@@ -171,6 +183,15 @@ class Store:
         db = create_backend(self.settings)
         await db.connect()
         return db
+
+    async def execute(self, script: str) -> None:
+        """Run SQL statements straight on the underlying PostgreSQL store."""
+        import asyncpg
+        conn = await asyncpg.connect(self.settings.postgres_url.reveal())
+        try:
+            await conn.execute(script)
+        finally:
+            await conn.close()
 
     async def fetchval(self, sql: str, *args: Any) -> Any:
         """Read a value straight from the underlying store (for storage checks)."""

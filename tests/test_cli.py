@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from conftest import with_database
+from conftest import _drop_databases, _in_thread, with_database
 
 GOVDB = [sys.executable, "-m", "govdb.cli"]
 
@@ -56,8 +54,7 @@ def test_init_twice_against_postgres(pg_server, tmp_path: Path):
         finally:
             await conn.close()
 
-    with ThreadPoolExecutor(1) as pool:
-        pool.submit(asyncio.run, recreate()).result()
+    _in_thread(recreate())
     env = {"DB_BACKEND": "postgres", "DB_POSTGRES_URL": with_database(pg_server.url, name)}
     first = run(["init"], env, tmp_path)
     assert first.returncode == 0, first.stderr
@@ -65,3 +62,4 @@ def test_init_twice_against_postgres(pg_server, tmp_path: Path):
     assert second.returncode == 0, second.stderr
     assert "on" in second.stdout  # graph column: AGE is active
     assert first.stdout == second.stdout
+    _in_thread(_drop_databases(pg_server.url, [name]))

@@ -147,7 +147,7 @@ async def test_database_without_age_extension(store, db):
     await db.create_identity("b", api_key="k", parent_agent_id="a")
     assert [i.agent_id for i in await db.get_lineage("b")] == ["b", "a"]
     # DROP TABLE works in a database lacking the extension (an AGE pitfall).
-    await store.fetchval("CREATE TABLE public.scratch (x int); DROP TABLE public.scratch; SELECT 1")
+    await store.execute("CREATE TABLE public.scratch (x int); DROP TABLE public.scratch")
 
 
 LEGACY_DDL = """

@@ -76,6 +76,12 @@ def pg_stop(data_dir: Path) -> None:
     sys.exit(commands.pg_stop(data_dir))
 
 
+@pg.command("status", help=commands.pg_status.__doc__.splitlines()[0])
+@DATA_DIR
+def pg_status(data_dir: Path) -> None:
+    sys.exit(commands.pg_status(data_dir))
+
+
 @pg.command("url", help=commands.pg_url.__doc__.splitlines()[0])
 @DATA_DIR
 def pg_url(data_dir: Path) -> None:

@@ -149,11 +149,31 @@ async def _demo_round(db: Database, key: str) -> list[tuple[str, str, str]]:
 def pg_start(data_dir: Path, port: int) -> int:
     """Start a local PostgreSQL 17 + AGE on 127.0.0.1 with its data in DATA_DIR."""
     from . import localpg
-    server = localpg.start(data_dir, port=port, log=lambda msg: console.print(f"[dim]{msg}[/dim]"))
-    table = Table("route", "url", "data dir", "pid", title="local PostgreSQL + AGE")
-    table.add_row(server.route, server.url, str(server.data_dir), str(server.pid))
-    console.print(table)
+    server = localpg.start(data_dir, port=port,
+                           log=lambda msg: console.print(msg, style="dim", soft_wrap=True, markup=False))
+    _show_server({"route": server.route, "url": server.url, "data_dir": server.data_dir,
+                  "pid": server.pid, "running": True})
     return 0
+
+
+def pg_status(data_dir: Path) -> int:
+    """Show whether the local PostgreSQL in DATA_DIR runs; exit 1 if it does not."""
+    from . import localpg
+    status = localpg.status(data_dir)
+    if status is None:
+        console.print(f"no local PostgreSQL was ever started in {data_dir}")
+        return 1
+    _show_server(status)
+    return 0 if status.get("running") else 1
+
+
+def _show_server(status: dict) -> None:
+    table = Table("route", "url", "data dir", "pid", "running", title="local PostgreSQL + AGE")
+    for column in table.columns:
+        column.overflow = "fold"
+    table.add_row(str(status.get("route")), str(status.get("url")), str(status.get("data_dir")),
+                  str(status.get("pid")), "yes" if status.get("running") else "no")
+    console.print(table)
 
 
 def pg_stop(data_dir: Path) -> int:

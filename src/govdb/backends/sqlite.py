@@ -19,9 +19,8 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from ..convert import (
-    dump_json, format_timestamp, legacy_uuid, normalise_timestamp, read_bool, read_float,
-    read_int, read_json, read_json_list, read_json_object, read_opt_timestamp,
-    read_str_list, read_timestamp,
+    dump_json, format_timestamp, normalise_timestamp, read_bool, read_float, read_int, read_json,
+    read_str_list,
 )
 from ..errors import (
     ConflictError, GovdbError, NotFoundError, SchemaError, StoreUnavailableError, ValidationError,
@@ -30,6 +29,7 @@ from ..records import (
     AgentState, AuditEvent, Calibration, DialecticMessage, DialecticSession, Discovery,
     DiscoveryLink, Health, Identity, Neighbor, Session, ToolStats, ToolUsage,
 )
+from .. import legacy
 from .base import Database, search_words
 
 T = TypeVar("T")
@@ -46,7 +46,6 @@ _KEYS = {  # kind -> (table, key column)
     "discovery": ("discoveries", "id"),
     "dialectic session": ("dialectic_sessions", "session_id"),
 }
-_STATE_KEYS = ("E", "I", "S", "V", "coherence", "regime")
 _CLOSING_PHASE = {"resolved": "resolved", "escalated": "escalated", "failed": "failed", "cancelled": "failed"}
 _UNAVAILABLE = frozenset({
     sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_IOERR,
@@ -696,6 +695,17 @@ def _health_details(conn: Conn) -> dict[str, Any]:
 
 # -- rows to records (legacy rows may be dirty: defaults, never a crash) ------
 
+_identity = legacy.identity
+_session = legacy.session
+_agent_state = legacy.agent_state
+_calibration = legacy.calibration
+_audit = legacy.audit_event
+_tool_usage = legacy.tool_usage
+_link = legacy.link
+_dialectic = legacy.dialectic_session
+_message = legacy.dialectic_message
+
+
 def _load_identity(conn: Conn, agent_id: str) -> Identity:
     return _found(_first(conn, _identity, _BY_AGENT, agent_id), "agent", agent_id)
 
@@ -718,72 +728,6 @@ def _found(value: T | None, kind: str, key: str) -> T:
     return value
 
 
-def _identity(r: sqlite3.Row) -> Identity:
-    meta = read_json_object(r["metadata_json"])
-    notes = meta.pop("notes", None)
-    created = read_timestamp(r["created_at"])
-    return Identity(
-        agent_id=r["agent_id"], status=r["status"] or "active", created_at=created,
-        updated_at=read_opt_timestamp(r["updated_at"]) or created, parent_agent_id=r["parent_agent_id"],
-        spawn_reason=r["spawn_reason"], disabled_at=read_opt_timestamp(r["disabled_at"]),
-        tags=tuple(read_str_list(r["tags_json"])), notes=notes if isinstance(notes, str) else None,
-        metadata=meta,
-        lifecycle_events=tuple(e for e in read_json_list(r["lifecycle_events_json"]) if isinstance(e, dict)),
-    )
-
-
-def _session(r: sqlite3.Row) -> Session:
-    created = read_timestamp(r["created_at"])
-    return Session(
-        session_id=r["session_id"], agent_id=r["agent_id"], created_at=created,
-        last_active=read_opt_timestamp(r["last_active"]) or created, expires_at=read_timestamp(r["expires_at"]),
-        is_active=bool(read_bool(r["is_active"], True)), client_type=r["client_type"],
-        client_info=read_json_object(r["client_info_json"]), metadata=read_json_object(r["metadata_json"]),
-    )
-
-
-def _agent_state(r: sqlite3.Row) -> AgentState:
-    doc = read_json_object(r["state_json"])
-
-    def pick(column: str, key: str) -> float | None:
-        value = read_float(r[column])
-        return read_float(doc.get(key)) if value is None else value
-
-    regime = r["regime"] or doc.get("regime")
-    return AgentState(
-        id=r["id"], agent_id=r["agent_id"], recorded_at=read_timestamp(r["recorded_at"]),
-        energy=read_float(doc.get("E")), integrity=pick("integrity", "I") or 0.0,
-        entropy=pick("entropy", "S") or 0.0, void=pick("volatility", "V") or 0.0,
-        regime=regime if isinstance(regime, str) else "nominal", coherence=pick("coherence", "coherence"),
-        state={k: v for k, v in doc.items() if k not in _STATE_KEYS},
-    )
-
-
-def _calibration(r: sqlite3.Row) -> Calibration:
-    # A stored row is at least version 1, even when a legacy writer kept none.
-    return Calibration(state=read_json_object(r["state_json"]), version=max(read_int(r["version"]) or 1, 1),
-                       updated_at=read_timestamp(r["updated_at"]))
-
-
-def _audit(r: sqlite3.Row) -> AuditEvent:
-    confidence = read_float(r["confidence"])
-    return AuditEvent(
-        event_id=r["event_id"] or legacy_uuid("audit_events", r["id"]), timestamp=read_timestamp(r["timestamp"]),
-        event_type=r["event_type"] or "", agent_id=r["agent_id"], session_id=r["session_id"],
-        confidence=1.0 if confidence is None else confidence, details=read_json_object(r["details_json"]),
-        raw_hash=r["raw_hash"] or "",
-    )
-
-
-def _tool_usage(r: sqlite3.Row) -> ToolUsage:
-    return ToolUsage(
-        usage_id=r["usage_id"] or legacy_uuid("tool_usage", r["id"]), timestamp=read_timestamp(r["timestamp"]),
-        tool_name=r["tool_name"] or "", agent_id=r["agent_id"], session_id=r["session_id"],
-        latency_ms=read_int(r["latency_ms"]), success=bool(read_bool(r["success"], True)),
-        error_type=r["error_type"], payload=read_json_object(r["payload_json"]),
-    )
-
-
 def _tool_stats(r: sqlite3.Row) -> ToolStats:
     calls, ok = int(r["calls"]), int(r["successes"] or 0)
     return ToolStats(tool_name=r["tool_name"] or "", calls=calls, successes=ok, failures=calls - ok,
@@ -797,21 +741,7 @@ def _get_discovery(conn: Conn, discovery_id: str) -> Discovery | None:
 
 def _discovery(conn: Conn, r: sqlite3.Row) -> Discovery:
     tags = conn.execute("SELECT tag FROM discovery_tags WHERE discovery_id = ? ORDER BY tag", (r["id"],))
-    return Discovery(
-        id=r["id"], agent_id=r["agent_id"], type=r["type"] or "", summary=r["summary"] or "",
-        created_at=read_timestamp(r["created_at"]), status=r["status"] or "open", severity=r["severity"],
-        details=r["details"], tags=tuple(t[0] for t in tags if isinstance(t[0], str)),
-        confidence=read_float(r["confidence"]), related_files=tuple(read_str_list(r["related_files"])),
-        updated_at=read_opt_timestamp(r["updated_at"]), resolved_at=read_opt_timestamp(r["resolved_at"]),
-    )
-
-
-def _link(r: sqlite3.Row) -> DiscoveryLink:
-    return DiscoveryLink(
-        src_id=r["src_id"], dst_id=r["dst_id"], edge_type=r["edge_type"], created_at=read_timestamp(r["created_at"]),
-        response_type=r["response_type"], weight=read_float(r["weight"]), created_by=r["created_by"],
-        metadata=read_json_object(r["metadata"]),
-    )
+    return legacy.discovery(r, (t[0] for t in tags))
 
 
 def _get_dialectic(conn: Conn, session_id: str, *, messages: bool = True) -> DialecticSession | None:
@@ -821,27 +751,3 @@ def _get_dialectic(conn: Conn, session_id: str, *, messages: bool = True) -> Dia
     msgs = _select(conn, _message, "SELECT * FROM dialectic_messages WHERE session_id = ? ORDER BY id",
                    session_id) if messages else []
     return _dialectic(row, tuple(msgs))
-
-
-def _dialectic(r: sqlite3.Row, messages: tuple[DialecticMessage, ...] = ()) -> DialecticSession:
-    created = read_timestamp(r["created_at"])
-    resolution = read_json(r["resolution_json"], None)
-    return DialecticSession(
-        session_id=r["session_id"], paused_agent_id=r["paused_agent_id"], phase=r["phase"] or "thesis",
-        status=r["status"] or "active", created_at=created, updated_at=read_opt_timestamp(r["updated_at"]) or created,
-        reviewer_agent_id=r["reviewer_agent_id"], reason=r["reason"], discovery_id=r["discovery_id"],
-        dispute_type=r["dispute_type"], session_type=r["session_type"], topic=r["topic"],
-        max_synthesis_rounds=read_int(r["max_synthesis_rounds"]), synthesis_round=read_int(r["synthesis_round"]) or 0,
-        paused_agent_state=read_json_object(r["paused_agent_state_json"]),
-        resolution=resolution if isinstance(resolution, dict) else None, messages=messages,
-    )
-
-
-def _message(r: sqlite3.Row) -> DialecticMessage:
-    return DialecticMessage(
-        id=r["id"], session_id=r["session_id"], agent_id=r["agent_id"], message_type=r["message_type"] or "",
-        timestamp=read_timestamp(r["timestamp"]), root_cause=r["root_cause"],
-        proposed_conditions=read_json_list(r["proposed_conditions_json"]), reasoning=r["reasoning"],
-        observed_metrics=read_json_object(r["observed_metrics_json"]), concerns=read_json_list(r["concerns_json"]),
-        agrees=read_bool(r["agrees"]), signature=r["signature"],
-    )
