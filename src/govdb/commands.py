@@ -87,8 +87,8 @@ def demo(settings: Settings) -> int:
 
 
 async def _demo_round(db: Database, key: str) -> list[tuple[str, str, str]]:
-    from .validate import now
-    run = now().strftime("%Y%m%dT%H%M%S%f")
+    import secrets
+    run = secrets.token_hex(3)  # a short tag so repeated demos never collide
     lead, helper = f"demo-lead-{run}", f"demo-helper-{run}"
     rows: list[tuple[str, str, str]] = []
 
@@ -142,7 +142,8 @@ async def _demo_round(db: Database, key: str) -> list[tuple[str, str, str]]:
     rows.append(("dialectic session", ds.session_id, f"{ds.status} after {len(full.messages)} messages"))
 
     h = await db.health()
-    rows.append(("health", h.backend, f"ok={h.ok}, schema v{h.schema_version}, graph {h.graph}"))
+    schema = "legacy layout" if h.schema_version is None else f"schema v{h.schema_version}"
+    rows.append(("health", h.backend, f"ok={h.ok}, {schema}, graph {h.graph}"))
     return rows
 
 
