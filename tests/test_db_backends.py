@@ -373,6 +373,9 @@ async def test_links_and_traversal(db):
     assert [(n.discovery.id, n.link.edge_type, n.direction) for n in neighbours] == [
         ("d2", "response_to", "in"), ("d3", "related_to", "out")]
     assert neighbours[1].link.metadata == {"why": "same"} and neighbours[1].link.created_by == "author"
+    # The link's own time (made now), not its discovery's (July 2025).
+    assert neighbours[1].link.created_at > datetime(2026, 1, 1, tzinfo=UTC)
+    assert neighbours[1].discovery.created_at == datetime(2025, 7, 1, 0, 2, tzinfo=UTC)
     only = await db.get_neighbors("d2", edge_type="response_to")
     assert [(n.discovery.id, n.link.response_type) for n in only] == [("d1", "question"), ("d3", "extend")]
     assert [d.id for d in await db.get_response_chain("d3")] == ["d3", "d2", "d1"]

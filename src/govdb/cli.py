@@ -25,6 +25,9 @@ class _Cli(click.Group):
                 raise
             click.echo(f"error: {exc}", err=True)
             sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("error: interrupted (an interrupted backfill continues with --resume)", err=True)
+            sys.exit(130)
 
 
 def _settings(ctx: click.Context) -> Settings:
@@ -88,8 +91,44 @@ def pg_url(data_dir: Path) -> None:
     sys.exit(commands.pg_url(data_dir))
 
 
-def main() -> None:
-    cli()
+@cli.group()
+def migrate() -> None:
+    """Move a legacy governance.db to PostgreSQL + AGE: backfill, graph, verify."""
+
+
+SQLITE = click.option("--sqlite", "sqlite_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                      help="The legacy governance.db (default: $DB_SQLITE_PATH).")
+POSTGRES = click.option("--postgres", "postgres_url", default=None, metavar="URL",
+                        help="PostgreSQL URL (default: $DB_POSTGRES_URL).")
+SOURCE_TZ = click.option("--source-timezone", default="UTC", show_default=True,
+                         help="Time zone of naive timestamps in the source.")
+
+
+@migrate.command("backfill", help=commands.migrate_backfill.__doc__.splitlines()[0])
+@SQLITE
+@POSTGRES
+@click.option("--tables", default=None, help="Comma-separated: identities, sessions, agent_state, calibration,"
+              " audit_events, tool_usage, knowledge, dialectic (default: all).")
+@click.option("--dry-run", is_flag=True, help="Report rows, problems, repairs and quarantines; write nothing.")
+@click.option("--resume", is_flag=True, help="Continue from the checkpoints of an interrupted run.")
+@click.option("--restart", is_flag=True, help="Discard the checkpoints and start over.")
+@SOURCE_TZ
+@click.option("--batch-size", type=click.IntRange(1, 1_000_000), default=None, hidden=True)
+@click.option("--no-progress", is_flag=True, help="No progress bars on stderr.")
+@click.pass_context
+def migrate_backfill(ctx: click.Context, no_progress: bool, **kw) -> None:
+    sys.exit(commands.migrate_backfill(_settings(ctx), progress=not no_progress, **kw))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI; ``argv`` lets the spec's scripts/ entry points share it."""
+    cli.main(args=argv, prog_name="govdb")
+
+
+def run_as(subcommand: list[str], argv: list[str]) -> None:
+    """Run ``govdb SUBCOMMAND ARGV...`` (for the spec's scripts/ entry points)."""
+    debug = [a for a in argv if a == "--debug"]
+    main([*debug, *subcommand, *(a for a in argv if a != "--debug")])
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ cli.py only parses arguments and calls these; tests call them directly.
 from __future__ import annotations
 
 import asyncio
+import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -16,7 +17,8 @@ from .backends import create_backend
 from .backends.base import Database
 from .config import Settings
 
-console = Console()
+# Piped output (logs, CI) gets wide tables rather than rich's 80 columns.
+console = Console() if sys.stdout.isatty() else Console(width=200)
 
 
 def _run(coro):
@@ -190,3 +192,25 @@ def pg_url(data_dir: Path) -> int:
     from . import localpg
     print(localpg.url(data_dir))
     return 0
+
+
+def _postgres_settings(settings: Settings, postgres_url: str | None) -> Settings:
+    if not postgres_url:
+        return settings
+    from dataclasses import replace
+    from .config import parse_postgres_url
+    return replace(settings, postgres_url=parse_postgres_url(postgres_url, "--postgres"))
+
+
+def migrate_backfill(settings: Settings, sqlite_path: Path | None, postgres_url: str | None, *,
+                     tables: str | None = None, dry_run: bool = False, resume: bool = False,
+                     restart: bool = False, source_timezone: str = "UTC", batch_size: int | None = None,
+                     progress: bool = True) -> int:
+    """Copy the legacy SQLite file into PostgreSQL: resumable, repaired or quarantined, nothing lost."""
+    from .migrate.backfill import DEFAULT_BATCH_SIZE, backfill, summarize
+    report = _run(backfill(
+        _postgres_settings(settings, postgres_url), sqlite_path or settings.sqlite_path, tables=tables,
+        dry_run=dry_run, resume=resume, restart=restart, source_tz=source_timezone,
+        batch_size=batch_size or DEFAULT_BATCH_SIZE, progress=progress))
+    return summarize(report, console)
+

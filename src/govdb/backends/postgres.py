@@ -76,7 +76,9 @@ _USAGE_COLS = "usage_id, ts, tool_name, agent_id, session_id, latency_ms, succes
 _DISC_COLS = ("d.id, d.agent_id, d.type, d.summary, d.created_at, d.status, d.severity, d.details,"
               " d.confidence, d.related_files, d.updated_at, d.resolved_at,"
               " ARRAY(SELECT t.tag FROM core.discovery_tags t WHERE t.discovery_id = d.id ORDER BY t.tag) AS tags")
-_LINK_COLS = "e.src_id, e.dst_id, e.edge_type, e.created_at, e.response_type, e.weight, e.created_by, e.metadata"
+# Aliased: neighbour queries select a discovery's created_at too.
+_LINK_COLS = ("e.src_id, e.dst_id, e.edge_type, e.created_at AS link_created_at, e.response_type, e.weight,"
+              " e.created_by, e.metadata AS link_metadata")
 _DIALECTIC_COLS = ("session_id, paused_agent_id, phase, status, created_at, updated_at, reviewer_agent_id, reason,"
                    " discovery_id, dispute_type, session_type, topic, max_synthesis_rounds, synthesis_round,"
                    " paused_agent_state, resolution")
@@ -977,9 +979,9 @@ def _discovery(r: asyncpg.Record) -> Discovery:
 
 def _link(r: asyncpg.Record) -> DiscoveryLink:
     return DiscoveryLink(
-        src_id=r["src_id"], dst_id=r["dst_id"], edge_type=r["edge_type"], created_at=r["created_at"],
+        src_id=r["src_id"], dst_id=r["dst_id"], edge_type=r["edge_type"], created_at=r["link_created_at"],
         response_type=r["response_type"], weight=r["weight"], created_by=r["created_by"],
-        metadata=_dict(r["metadata"]),
+        metadata=_dict(r["link_metadata"]),
     )
 
 
