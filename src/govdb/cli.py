@@ -120,6 +120,30 @@ def migrate_backfill(ctx: click.Context, no_progress: bool, **kw) -> None:
     sys.exit(commands.migrate_backfill(_settings(ctx), progress=not no_progress, **kw))
 
 
+GRAPH = click.option("--graph", default=None, help="AGE graph name (default: $DB_AGE_GRAPH).")
+
+
+@migrate.command("graph", help=commands.migrate_graph.__doc__.splitlines()[0])
+@POSTGRES
+@GRAPH
+@click.pass_context
+def migrate_graph(ctx: click.Context, **kw) -> None:
+    sys.exit(commands.migrate_graph(_settings(ctx), **kw))
+
+
+@migrate.command("export-graph", help=commands.migrate_export_graph.__doc__.splitlines()[0])
+@SQLITE
+@click.option("--out", type=Path, required=True,
+              help="The SQL file to write (replaced only when complete).")
+@click.option("--mode", type=click.Choice(["merge", "create"]), default="merge", show_default=True,
+              help="merge: re-applicable, adds only what is missing; create: for an empty graph.")
+@GRAPH
+@SOURCE_TZ
+@click.pass_context
+def migrate_export_graph(ctx: click.Context, **kw) -> None:
+    sys.exit(commands.migrate_export_graph(_settings(ctx), **kw))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; ``argv`` lets the spec's scripts/ entry points share it."""
     cli.main(args=argv, prog_name="govdb")

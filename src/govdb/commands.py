@@ -214,3 +214,48 @@ def migrate_backfill(settings: Settings, sqlite_path: Path | None, postgres_url:
         batch_size=batch_size or DEFAULT_BATCH_SIZE, progress=progress))
     return summarize(report, console)
 
+
+def migrate_graph(settings: Settings, postgres_url: str | None, graph: str | None = None) -> int:
+    """Build the AGE graph from the backfilled tables: set-based, adds only what is missing."""
+    from .migrate.graph import graph_counts, load_graph
+
+    async def go() -> tuple[dict[str, int], dict[str, int]]:
+        import asyncpg
+        target = _postgres_settings(settings, postgres_url)
+        name = graph or target.age_graph
+        conn = await _connect(target)
+        try:
+            added = await load_graph(conn, name)
+            return added, await graph_counts(conn, name)
+        finally:
+            await conn.close()
+
+    added, counts = _run(go())
+    table = Table("label", "added", "in graph", title=f"AGE graph {graph or settings.age_graph}")
+    for label, total in counts.items():
+        table.add_row(label, f"{added.get(label, 0):,}", f"{total:,}")
+    console.print(table)
+    return 0
+
+
+def migrate_export_graph(settings: Settings, sqlite_path: Path | None, out: Path, *, mode: str = "merge",
+                         graph: str | None = None, source_timezone: str = "UTC") -> int:
+    """Write a psql script that builds the AGE graph of a legacy governance.db (no database needed)."""
+    from .migrate.graph import NODE_PROPS, export_sql
+    name = graph or settings.age_graph
+    counts = export_sql(sqlite_path or settings.sqlite_path, out, name, mode, source_tz=source_timezone)
+    nodes = sum(n for label, n in counts.items() if label in NODE_PROPS)
+    console.print(f"wrote {out}: {nodes:,} nodes, {sum(counts.values()) - nodes:,} edges for graph {name}"
+                  f" (mode {mode}); apply with: psql -v ON_ERROR_STOP=1 -f {out}", markup=False)
+    return 0
+
+
+async def _connect(settings: Settings):
+    import asyncpg
+    from .errors import StoreUnavailableError
+    try:
+        return await asyncpg.connect(settings.postgres_url.reveal())
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise StoreUnavailableError(f"PostgreSQL at {settings.postgres_url.masked} is unavailable"
+                                    f" ({type(exc).__name__})") from exc
+
