@@ -16,4 +16,5 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _entry import run_govdb  # noqa: E402
 
-run_govdb(["migrate", "backfill"])
+if __name__ == "__main__":  # worker processes (spawn) import this module again
+    run_govdb(["migrate", "backfill"])

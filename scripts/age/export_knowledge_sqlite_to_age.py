@@ -17,4 +17,5 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from _entry import run_govdb  # noqa: E402
 
-run_govdb(["migrate", "export-graph"])
+if __name__ == "__main__":  # worker processes (spawn) import this module again
+    run_govdb(["migrate", "export-graph"])

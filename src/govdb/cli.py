@@ -34,7 +34,10 @@ def _settings(ctx: click.Context) -> Settings:
     return Settings.from_env()
 
 
-@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]},
+             epilog="Exit status: 0 success; 1 an error (one `error:` line on stderr);"
+                    " 2 the data does not check out (backfill counts do not reconcile,"
+                    " verify found differences).")
 @click.option("--debug", is_flag=True, help="Show tracebacks of errors.")
 @click.pass_context
 def cli(ctx: click.Context, debug: bool) -> None:
@@ -144,9 +147,33 @@ def migrate_export_graph(ctx: click.Context, **kw) -> None:
     sys.exit(commands.migrate_export_graph(_settings(ctx), **kw))
 
 
+@migrate.command("verify", help=commands.migrate_verify.__doc__.splitlines()[0])
+@SQLITE
+@POSTGRES
+@click.option("--tables", default=None, help="Comma-separated subset, as for backfill (default: all).")
+@SOURCE_TZ
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report.")
+@click.option("--max-diffs", type=click.IntRange(1, 10_000), default=10, show_default=True,
+              help="Differing keys to name per table.")
+@click.option("--graph-name", "graph", default=None, help="AGE graph name (default: $DB_AGE_GRAPH).")
+@click.option("--no-graph", "check_graph", flag_value=False, default=True, help="Skip the AGE graph counts.")
+@click.pass_context
+def migrate_verify(ctx: click.Context, **kw) -> None:
+    sys.exit(commands.migrate_verify(_settings(ctx), **kw))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; ``argv`` lets the spec's scripts/ entry points share it."""
-    cli.main(args=argv, prog_name="govdb")
+    try:
+        code = cli.main(args=argv, prog_name="govdb", standalone_mode=False)
+    except click.UsageError as exc:
+        # One line and exit 1, like every other error; 2 means "the data does not check out".
+        click.echo(f"error: {exc.format_message()} (see --help)", err=True)
+        sys.exit(1)
+    except click.Abort:
+        click.echo("error: interrupted", err=True)
+        sys.exit(130)
+    sys.exit(code or 0)
 
 
 def run_as(subcommand: list[str], argv: list[str]) -> None:

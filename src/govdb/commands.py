@@ -259,3 +259,26 @@ async def _connect(settings: Settings):
         raise StoreUnavailableError(f"PostgreSQL at {settings.postgres_url.masked} is unavailable"
                                     f" ({type(exc).__name__})") from exc
 
+
+def migrate_verify(settings: Settings, sqlite_path: Path | None, postgres_url: str | None, *,
+                   tables: str | None = None, source_timezone: str = "UTC", as_json: bool = False,
+                   max_diffs: int = 10, graph: str | None = None, check_graph: bool = True) -> int:
+    """Check PostgreSQL against the legacy file: counts, checksums per key range, graph; exit 2 on a difference."""
+    from .migrate.verify import verify
+    target = _postgres_settings(settings, postgres_url)
+    report = _run(verify(target, sqlite_path or settings.sqlite_path, tables=tables, source_tz=source_timezone,
+                         graph=check_graph, graph_name=graph or target.age_graph, max_diffs=max_diffs))
+    if as_json:
+        print(report.to_json())
+    else:
+        for part in report.render():
+            console.print(part)
+        for note in report.notes:
+            console.print(f"note: {note}", markup=False)
+        bad = [t.table for t in report.tables if not t.ok]
+        if report.graph is not None and not report.graph.ok:
+            bad.append(f"graph {report.graph.name}")
+        console.print("[green]verified: everything matches[/green]" if report.ok
+                      else f"[red]differences found in: {', '.join(bad)}[/red]")
+    return 0 if report.ok else 2
+
