@@ -64,6 +64,15 @@ _command(commands.demo)
 _command(commands.show_settings, "settings")
 
 
+@cli.command("serve", help=commands.serve.__doc__.splitlines()[0])
+@click.option("--http", metavar="HOST:PORT", default=None,
+              help="Serve streamable HTTP at http://HOST:PORT/mcp (HOST defaults to 127.0.0.1); default: stdio.")
+@click.option("--stateless", is_flag=True, help="Stateless HTTP: no MCP session kept between requests.")
+@click.pass_context
+def serve(ctx: click.Context, http: str | None, stateless: bool) -> None:
+    sys.exit(commands.serve(_settings(ctx), http, stateless))
+
+
 @cli.group()
 def pg() -> None:
     """Run a local PostgreSQL 17 + Apache AGE for development, tests and CI."""

@@ -282,3 +282,8 @@ def migrate_verify(settings: Settings, sqlite_path: Path | None, postgres_url: s
                       else f"[red]differences found in: {', '.join(bad)}[/red]")
     return 0 if report.ok else 2
 
+
+def serve(settings: Settings, http: str | None = None, stateless: bool = False) -> int:
+    """Serve the governance tools over MCP: stdio, or streamable HTTP with --http HOST:PORT."""
+    from .server import serve as run_server  # the MCP SDK is needed only here
+    return run_server(settings, http, stateless=stateless)
