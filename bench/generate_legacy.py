@@ -44,8 +44,14 @@ def ts(i: int, step_s: float = 7.0) -> str:
     return (START + timedelta(seconds=i * step_s)).isoformat(timespec="microseconds")
 
 
-def generate(path: Path, *, scale: float = 0.001, dirty: bool = False, seed: int = 7) -> dict[str, int]:
-    """Write a new legacy file at ``path``; return the row count per table."""
+def generate(path: Path, *, scale: float = 0.001, dirty: bool = False, seed: int = 7,
+             discoveries: int | None = None) -> dict[str, int]:
+    """Write a new legacy file at ``path``; return the row count per table.
+
+    ``discoveries`` makes a knowledge-only file of that many discoveries
+    (agents, discoveries, tags, edges, dialectic; no audit or usage rows),
+    for graph benchmarks at a chosen size.
+    """
     rnd = random.Random(seed)
     path = Path(path)
     if path.exists():
@@ -55,6 +61,8 @@ def generate(path: Path, *, scale: float = 0.001, dirty: bool = False, seed: int
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=OFF")
     z = sizes(scale)
+    if discoveries is not None:
+        z = sizes(discoveries / 50_000) | {"sessions": 0, "states": 0, "events": 0, "tool_usage": 0}
     agents = [f"agent-{i:06d}" for i in range(z["agents"])]
     with conn:
         conn.executemany(
@@ -233,9 +241,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scale", type=float, default=0.001, help="1.0 = the 1.83 M-row reference file")
     ap.add_argument("--dirty", action="store_true", help="add one row of every dirty case")
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--discoveries", type=int, default=None,
+                    help="a knowledge-only file with this many discoveries (ignores --scale)")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
-    counts = generate(args.out, scale=args.scale, dirty=args.dirty, seed=args.seed)
+    counts = generate(args.out, scale=args.scale, dirty=args.dirty, seed=args.seed, discoveries=args.discoveries)
     print(json.dumps({"file": str(args.out), "seconds": round(time.perf_counter() - t0, 2), "rows": counts}, indent=2))
     return 0
 
