@@ -27,7 +27,9 @@ from govdb.backends.postgres import PostgresDatabase
 from govdb.backends.sqlite import SQLiteDatabase
 from govdb.config import SecretUrl
 from govdb.migrate import MigrationError
-from govdb.migrate.backfill import backfill
+from govdb.migrate.backfill import (
+    _copy_column, _copy_field, _copy_lines, _copy_text, backfill, defer_indexes, restore_indexes,
+)
 from govdb.migrate.clean import TARGETS
 
 UTC = timezone.utc
@@ -293,9 +295,40 @@ async def test_type_fidelity_postgres_reads_what_sqlite_reads(tmp_path, pg_url):
         assert await pg.query_audit_events(limit=1000) == await lite.query_audit_events(limit=1000)
         assert await pg.query_tool_usage(limit=1000) == await lite.query_tool_usage(limit=1000)
         assert await pg.get_tool_stats() == await lite.get_tool_stats()
-        for word in ("odd", "агент", "drop"):
-            assert await pg.search_audit_events(word) == await lite.search_audit_events(word)
-            assert await pg.search_discoveries(word) == await lite.search_discoveries(word)
+        for word in ("odd", "агент", "drop", "esc", "u00e9", "é", "1e", "20", "5e", "07", "12345678901234567890",
+                     "ü", "λ", "null", "type_odd", "k"):
+            assert await pg.search_audit_events(word) == await lite.search_audit_events(word), word
+            assert await pg.search_discoveries(word) == await lite.search_discoveries(word), word
+
+
+async def test_search_words_of_migrated_rows_are_the_sqlite_backends(tmp_path, pg_url):
+    """The words column the backfill computes finds what the SQLite backend finds in the
+    source: long words (indexed as digests), non-Latin words, words in \\u escapes."""
+    path = tmp_path / "words.db"
+    _fidelity_file(path)
+    long_word, long_cyrillic = "Ab" * 150, "Жж" * 60
+    docs = [json.dumps({"text": f"{long_word} x"}), json.dumps({"text": f"{long_cyrillic} 東京 snake_case"}),
+            '{"text": "\\u0416\\u0436 \\u6771"}', json.dumps({"text": f"{long_word[:-1]} y"}, ensure_ascii=False)]
+    conn = sqlite3.connect(path)
+    with conn:
+        for i, doc in enumerate(docs):
+            conn.execute("INSERT INTO audit_events (timestamp, event_id, event_type, details_json, raw_hash)"
+                         " VALUES (?, ?, 'words', ?, ?)", ("2025-11-26T01:15:29Z", str(uuid.UUID(int=500 + i)), doc,
+                                                            f"words-{i}"))
+            conn.execute("INSERT INTO discoveries (id, agent_id, type, created_at, summary, details)"
+                         " VALUES (?, ?, 'x', '2025-11-26T01:15:29Z', ?, ?)", (f"w-{i}", ODD[0], doc, doc[::-1]))
+    conn.close()  # the last connection checkpoints the WAL into the file copied below
+    assert (await backfill(pg_url, path, progress=False)).reconciled
+    shutil.copy(path, tmp_path / "read.db")
+    lite = SQLiteDatabase(tmp_path / "read.db")
+    pg = PostgresDatabase(SecretUrl(pg_url), min_conn=1, max_conn=2, age_enabled=False)
+    async with lite, pg:
+        for word in (long_word, long_word.lower(), long_word[:-1], long_cyrillic, "жж" * 60, "東京", "snake_case",
+                     "u0416", "жж", "東", "text", "x y", f"{long_word} x", long_word[::-1]):
+            found = await lite.search_audit_events(word)
+            assert await pg.search_audit_events(word) == found, word
+            assert await pg.search_discoveries(word) == await lite.search_discoveries(word), word
+        assert [e.details for e in await pg.search_audit_events(long_word)] == [json.loads(docs[0])]
 
 
 async def test_source_timezone_applies_to_naive_timestamps_only(tmp_path, pg_url):
@@ -491,6 +524,115 @@ async def test_kill_and_resume_loses_nothing_and_duplicates_nothing(tmp_path, pg
         good = [r[0] for r in conn.execute("SELECT id FROM audit_events WHERE event_type NOT LIKE 'dirty_ts'"
                                            " OR timestamp NOT IN ('not a time', '') ORDER BY id")]
     assert [r[0] for r in await fetch(pg_url, "SELECT id FROM audit.events ORDER BY id")] == good
+
+
+async def test_copy_text_round_trips_odd_values(pg_url):
+    """Batches travel as COPY text: every kind of value, NULLs among them, escapes, arrays."""
+    rows = [
+        (1, "plain", datetime(2025, 1, 1, tzinfo=UTC), 1.5, True, ["a", "b"], b"\x00\xff", None),
+        (2, "tab\there\nnew\rline\\back", datetime(1999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC), -0.0, False,
+         ['q"uote', "back\\slash", "NULL", "", "{x,y}"], b"", "x"),
+        (3, "\\N", datetime(2025, 6, 1, 12, tzinfo=UTC), 1e300, None, [], None, "{}"),
+        (4, "ж東京 \x01", datetime(1, 1, 1, tzinfo=UTC), 5e-324, True, ["null", "ж", None], b"\\", "\\N"),
+        (None, "", None, None, None, None, None, None),
+    ]
+    cols = ["i", "s", "ts", "f", "b", "a", "y", "n"]
+    conn = await asyncpg.connect(pg_url)
+    try:
+        await conn.execute("CREATE TEMP TABLE t (i bigint, s text, ts timestamptz, f float8, b bool, a text[],"
+                           " y bytea, n text)")
+        for encode in (_copy_column, lambda col: [_copy_field(v) for v in col]):  # whole columns, one value
+            await conn.execute("TRUNCATE t")
+            await _copy_text(conn, "t", cols, _copy_lines(*[encode(col) for col in zip(*rows)]))
+            got = [tuple(r) for r in await conn.fetch("SELECT * FROM t ORDER BY i NULLS LAST")]
+            assert got == [tuple(list(v) if isinstance(v, list) else v for v in r) for r in rows]
+            assert str(got[1][3]) == "-0.0"
+    finally:
+        await conn.close()
+
+
+DEFERRABLE_TABLES = ("audit.events", "audit.event_hashes", "audit.tool_usage", "core.agent_state")
+
+
+async def index_definitions(url: str) -> dict[str, str]:
+    """Return name -> definition of every index on the tables whose indexes a bulk load defers."""
+    rows = await fetch(url, "SELECT indexrelid::regclass::text, pg_get_indexdef(indexrelid) FROM pg_index"
+                            " WHERE indrelid IN (SELECT to_regclass(t) FROM unnest($1::text[]) AS t)",
+                       list(DEFERRABLE_TABLES))
+    return dict((r[0], r[1]) for r in rows)
+
+
+async def partitions_missing_an_index(url: str) -> int:
+    """Count (index of a partitioned table, partition) pairs where the partition lacks that index."""
+    return await fetchval(url, """
+        SELECT count(*) FROM pg_index pi JOIN pg_inherits part ON part.inhparent = pi.indrelid
+         WHERE pi.indrelid IN ('audit.events'::regclass, 'audit.tool_usage'::regclass)
+           AND NOT EXISTS (SELECT 1 FROM pg_inherits ci JOIN pg_index c ON c.indexrelid = ci.inhrelid
+                            WHERE ci.inhparent = pi.indexrelid AND c.indrelid = part.inhrelid)""")
+
+
+async def test_deferred_indexes_keep_their_definitions_and_cover_new_partitions(pg_url):
+    original = await index_definitions(pg_url)
+    conn = await asyncpg.connect(pg_url)
+    try:
+        await conn.execute((REPO / "src/govdb/sql/migrate.sql").read_text())
+        deferred = await defer_indexes(conn, ["audit.events", "audit.event_hashes"])
+        assert set(deferred) == {"audit.events_ts_idx", "audit.events_agent_idx", "audit.events_type_idx",
+                                 "audit.events_words_idx", "audit.event_hashes_ts_idx"}
+        recorded = {r[0]: r[1] for r in await conn.fetch("SELECT index_name, definition FROM migrate.deferred_indexes")}
+        assert recorded == {n: original[n] for n in deferred}
+        left = await index_definitions(pg_url)
+        assert set(left) == set(original) - set(deferred)  # unique keys stay: dedup and dual-writes need them
+        assert {"audit.events_pkey", "audit.event_hashes_pkey", "audit.event_hashes_event_id_key"} <= set(left)
+        # A partition made while they are deferred gets them too.
+        await conn.execute("SELECT audit.create_month_partition('audit.events'::regclass, '2031-03-01')")
+        built = await restore_indexes(conn, lambda: asyncpg.connect(pg_url))
+        assert set(built) == set(deferred)
+        assert await conn.fetchval("SELECT count(*) FROM migrate.deferred_indexes") == 0
+        assert await restore_indexes(conn, lambda: asyncpg.connect(pg_url)) == {}
+    finally:
+        await conn.close()
+    assert await index_definitions(pg_url) == original
+    assert await partitions_missing_an_index(pg_url) == 0
+
+
+async def test_a_run_killed_while_indexes_are_deferred_builds_them_again(tmp_path, pg_url):
+    original = await index_definitions(pg_url)
+    path = _generate(tmp_path / "big.db", 0.02)
+    args = ["--sqlite", str(path), "--postgres", pg_url, "--batch-size", "100"]
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--no-progress", *args], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            if await fetchval(pg_url, "SELECT to_regclass('migrate.checkpoints') IS NOT NULL") and await fetchval(
+                    pg_url, "SELECT count(*) FROM migrate.checkpoints WHERE source_table = 'audit_events'"
+                            " AND rows_read >= 2000 AND NOT done"):
+                break
+            assert proc.poll() is None, proc.stderr.read().decode()
+        os.kill(proc.pid, signal.SIGKILL)  # mid-table, its indexes dropped
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    deferred = {r[0]: r[1] for r in await fetch(pg_url, "SELECT index_name, definition FROM migrate.deferred_indexes")}
+    assert {"audit.events_ts_idx", "audit.events_words_idx", "audit.event_hashes_ts_idx"} <= set(deferred)
+    assert deferred == {n: original[n] for n in deferred}
+    assert not set(deferred) & set(await index_definitions(pg_url))
+
+    # Any later run builds them first, even one that then refuses to go on.
+    refused = run_script(*args)
+    assert refused.returncode == 1 and "--resume" in refused.stderr
+    assert await index_definitions(pg_url) == original
+    assert await fetchval(pg_url, "SELECT count(*) FROM migrate.deferred_indexes") == 0
+    resumed = run_script(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert await index_definitions(pg_url) == original
+    assert await partitions_missing_an_index(pg_url) == 0
+    assert await fetchval(pg_url, "SELECT count(*) FROM migrate.deferred_indexes") == 0
+    assert await fetchval(pg_url, "SELECT count(*) FROM audit.events") == await fetchval(
+        pg_url, "SELECT rows_migrated FROM migrate.checkpoints WHERE source_table = 'audit_events'")
 
 
 def test_bad_input_is_one_error_line(tmp_path, legacy_db):

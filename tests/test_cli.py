@@ -7,8 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from conftest import _drop_databases, _in_thread, with_database
 
 GOVDB = [sys.executable, "-m", "govdb.cli"]

@@ -287,6 +287,24 @@ async def test_audit_full_text_search(db):
     assert [e.event_type for e in await db.search_audit_events("dispute_opened")] == ["dispute_opened"]
 
 
+LONG_WORD = "x" * 300  # over 200 UTF-8 bytes: PostgreSQL indexes its digest
+LONG_CYRILLIC = "ж" * 120  # 120 characters, 240 bytes
+MID_CYRILLIC = "ж" * 90  # 180 bytes: indexed as it is
+
+
+async def test_audit_search_long_non_latin_underscored_and_numeric_words(db):
+    await db.append_audit_event("note_taken", details={
+        "text": f"{LONG_WORD} {LONG_CYRILLIC} {MID_CYRILLIC} Ünïcode 東京 snake_case_word",
+        "count": 42, "ratio": 0.5, "big": 1e20, "neg": -7})
+    await db.append_audit_event("other", details={"text": "x" * 299 + " " + "ж" * 119 + " tokyo"})
+    for query in (LONG_WORD, LONG_WORD.upper(), LONG_CYRILLIC, MID_CYRILLIC, "ÜNÏCODE", "東京", "snake_case_word",
+                  "note_taken", "42", "0", "5", "1e", "20", "7", f"{LONG_WORD} 42 東京"):
+        assert [e.event_type for e in await db.search_audit_events(query)] == ["note_taken"], query
+    for query in ("x" * 301, "ж" * 121, "ж" * 89, "snake", "case", "note", "4", "1e20", "東"):
+        assert await db.search_audit_events(query) == [], query
+    assert [e.event_type for e in await db.search_audit_events("text")] == ["other", "note_taken"]
+
+
 # -- tool usage ------------------------------------------------------------------
 
 async def test_tool_usage_and_stats(db):
@@ -363,8 +381,23 @@ async def test_discovery_search(db):
     assert [d.id for d in await db.search_discoveries("cache", type="question")] == ["d2"]
     assert [d.id for d in await db.search_discoveries(agent_id="author", limit=1)] == ["d3"]
     assert await db.search_discoveries("cach") == []
+    assert [d.id for d in await db.search_discoveries("lru CACHE")] == ["d3"]
     await db.update_discovery_status("d1", "resolved")
     assert [d.id for d in await db.search_discoveries(status="resolved")] == ["d1"]
+
+
+async def test_discovery_search_long_and_non_latin_words(db):
+    await new_agent(db, "author")
+    t = datetime(2025, 7, 1, tzinfo=UTC)
+    await db.add_discovery("k1", agent_id="author", type="x", summary=f"Кэш {LONG_WORD}", created_at=t)
+    await db.add_discovery("k2", agent_id="author", type="x", summary="кэш промах_2", details=LONG_CYRILLIC,
+                           created_at=t + timedelta(minutes=1))
+    assert [d.id for d in await db.search_discoveries("КЭШ")] == ["k2", "k1"]
+    assert [d.id for d in await db.search_discoveries(LONG_WORD)] == ["k1"]
+    assert [d.id for d in await db.search_discoveries(f"{LONG_CYRILLIC} промах_2")] == ["k2"]
+    assert await db.search_discoveries("x" * 299) == []
+    assert await db.search_discoveries("промах") == []
+    assert [d.id for d in await db.search_discoveries("кэш", limit=1)] == ["k2"]
 
 
 async def test_links_and_traversal(db):

@@ -7,7 +7,7 @@ runs the PostgreSQL configurations only.
 from __future__ import annotations
 
 import sqlite3
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 
 import pytest
 

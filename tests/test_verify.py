@@ -187,13 +187,8 @@ async def _migrate(url: str, path: Path, *, graph: bool = True) -> None:
     report = await backfill(settings, path, progress=False)
     assert report.reconciled
     if graph:
-        from govdb.backends.postgres import PostgresDatabase
-        db = PostgresDatabase.from_settings(settings)
-        await db.connect()
-        try:
-            await db.rebuild_graph()
-        finally:
-            await db.close()
+        from govdb.migrate.graph import load_graph
+        await load_graph(url)
 
 
 @pytest.fixture(scope="module")

@@ -220,7 +220,6 @@ def migrate_graph(settings: Settings, postgres_url: str | None, graph: str | Non
     from .migrate.graph import graph_counts, load_graph
 
     async def go() -> tuple[dict[str, int], dict[str, int]]:
-        import asyncpg
         target = _postgres_settings(settings, postgres_url)
         name = graph or target.age_graph
         conn = await _connect(target)

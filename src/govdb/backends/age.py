@@ -371,7 +371,7 @@ class Graph:
         """Return the labels whose counts differ from the relational rows they mirror.
 
         A cheap check at start-up: rows written while the graph was off, or
-        bulk-loaded, leave the graph behind.
+        bulk-loaded, leave the graph behind; `govdb migrate graph` catches it up.
         """
         g = f'"{self.name}"'
         checks = {
@@ -382,7 +382,7 @@ class Graph:
             "SPAWNED": "SELECT count(*) FROM core.identities WHERE parent_agent_id IS NOT NULL",
             "RELATED_TO": "SELECT count(*) FROM core.discovery_edges WHERE edge_type = 'related_to'",
             "RESPONSE_TO": "SELECT count(*) FROM core.discovery_edges WHERE edge_type = 'response_to'",
-            "HAS_TAG": "SELECT (SELECT coalesce(sum(cardinality(tags)), 0) FROM core.identities)"
+            "HAS_TAG": "SELECT (SELECT count(*) FROM (SELECT DISTINCT agent_id, unnest(tags) FROM core.identities) AS t)"
                        " + (SELECT count(*) FROM core.discovery_tags)",
         }
         stale = []
@@ -390,79 +390,3 @@ class Graph:
             if await conn.fetchval(sql) != await conn.fetchval(f'SELECT count(*) FROM ONLY {g}."{label}"'):
                 stale.append(label)
         return stale
-
-    async def rebuild(self, conn: asyncpg.Connection) -> dict[str, int]:
-        """Replace the graph's contents with a mirror of the relational rows; return counts per label.
-
-        For after a bulk load (COPY) that bypassed the per-row graph writes.
-        Set-based SQL straight into AGE's label tables; run it in a transaction.
-        """
-        g = f'"{self.name}"'
-        # Writers mirror their rows in the same transaction: keep them out
-        # until the copy is complete (and two rebuilds from overlapping).
-        await conn.execute("LOCK TABLE core.identities, core.discoveries, core.discovery_tags, core.discovery_edges,"
-                           " core.dialectic_sessions, core.dialectic_messages IN SHARE ROW EXCLUSIVE MODE")
-        for label in (*VERTEX_KEYS, *EDGE_LABELS):
-            await conn.execute(f'DELETE FROM {g}."{label}"')
-        for label, props, source in _REBUILD_VERTICES:
-            await conn.execute(f'INSERT INTO {g}."{label}" (properties)'
-                               f" SELECT ({props})::text::ag_catalog.agtype FROM {source}")
-        for label, (start, start_col), (end, end_col), source in _REBUILD_EDGES:
-            props = _LINK_PROPS if label in _LINK_LABELS.values() else "'{}'::jsonb"
-            await conn.execute(
-                f'INSERT INTO {g}."{label}" (start_id, end_id, properties)'
-                f" SELECT s.id, e.id, ({props})::text::ag_catalog.agtype FROM ({source}) AS src"
-                f' JOIN {g}."{start}" s ON {_key("s", start)} OPERATOR(ag_catalog.=) {_agtype("src." + start_col)}'
-                f' JOIN {g}."{end}" e ON {_key("e", end)} OPERATOR(ag_catalog.=) {_agtype("src." + end_col)}')
-        return {label: await conn.fetchval(f'SELECT count(*) FROM ONLY {g}."{label}"')
-                for label in (*VERTEX_KEYS, *EDGE_LABELS)}
-
-
-def _key(alias: str, label: str) -> str:
-    # The expression of the unique index on the label's key, so joins use it.
-    return f"ag_catalog.agtype_access_operator({alias}.properties, '\"{VERTEX_KEYS[label]}\"'::ag_catalog.agtype)"
-
-
-def _agtype(column: str) -> str:
-    return f"(to_jsonb({column})::text)::ag_catalog.agtype"
-
-
-def _ts(column: str) -> str:
-    # The text convert.format_timestamp writes.
-    return f"to_char({column} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"+00:00\"')"
-
-
-#: (vertex label, properties as jsonb, source rows)
-_REBUILD_VERTICES = (
-    ("Agent", f"jsonb_build_object('id', agent_id, 'status', status, 'created_at', {_ts('created_at')})",
-     "core.identities"),
-    ("Discovery", f"jsonb_build_object('id', id, 'type', type, 'status', status, 'created_at', {_ts('created_at')})",
-     "core.discoveries"),
-    ("Tag", "jsonb_build_object('name', tag)",
-     "(SELECT unnest(tags) AS tag FROM core.identities UNION SELECT tag FROM core.discovery_tags) AS t"),
-    ("DialecticSession", "jsonb_build_object('id', session_id, 'status', status, 'phase', phase,"
-                         f" 'created_at', {_ts('created_at')})", "core.dialectic_sessions"),
-    ("DialecticMessage", f"jsonb_build_object('id', id, 'type', message_type, 'created_at', {_ts('ts')})",
-     "core.dialectic_messages"),
-)
-_LINK_PROPS = ("jsonb_strip_nulls(jsonb_build_object('response_type', src.response_type, 'weight', src.weight,"
-               f" 'created_at', {_ts('src.created_at')}))")
-#: (edge label, (start label, source column), (end label, source column), source rows)
-_REBUILD_EDGES = (
-    ("SPAWNED", ("Agent", "parent_agent_id"), ("Agent", "agent_id"),
-     "SELECT agent_id, parent_agent_id FROM core.identities WHERE parent_agent_id IS NOT NULL"),
-    ("HAS_TAG", ("Agent", "agent_id"), ("Tag", "tag"),
-     "SELECT DISTINCT agent_id, unnest(tags) AS tag FROM core.identities"),
-    ("HAS_TAG", ("Discovery", "discovery_id"), ("Tag", "tag"), "SELECT discovery_id, tag FROM core.discovery_tags"),
-    ("RELATED_TO", ("Discovery", "src_id"), ("Discovery", "dst_id"),
-     "SELECT * FROM core.discovery_edges WHERE edge_type = 'related_to'"),
-    ("RESPONSE_TO", ("Discovery", "src_id"), ("Discovery", "dst_id"),
-     "SELECT * FROM core.discovery_edges WHERE edge_type = 'response_to'"),
-    ("PAUSED_AGENT", ("DialecticSession", "session_id"), ("Agent", "paused_agent_id"),
-     "SELECT session_id, paused_agent_id FROM core.dialectic_sessions"),
-    ("REVIEWER", ("DialecticSession", "session_id"), ("Agent", "reviewer_agent_id"),
-     "SELECT session_id, reviewer_agent_id FROM core.dialectic_sessions WHERE reviewer_agent_id IS NOT NULL"),
-    ("HAS_MESSAGE", ("DialecticSession", "session_id"), ("DialecticMessage", "id"),
-     "SELECT session_id, id FROM core.dialectic_messages"),
-    ("WROTE", ("Agent", "agent_id"), ("DialecticMessage", "id"), "SELECT agent_id, id FROM core.dialectic_messages"),
-)

@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 from datetime import datetime
 from decimal import Decimal
 from importlib import resources
-from typing import Any, AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
+from typing import Any, AsyncIterable, AsyncIterator, Iterable, Sequence
 
 import asyncpg
 
@@ -31,20 +31,16 @@ from ..records import (
     DiscoveryLink, Health, Identity, Neighbor, Session, ToolStats, ToolUsage,
 )
 from . import age
-from .base import Database, search_words
+from .base import Database, indexed_word, indexed_words
 
 log = logging.getLogger(__name__)
 
 #: The schema version schema.sql creates (its INSERT INTO core.schema_version).
 SCHEMA_VERSION = 1
 #: pg_advisory_xact_lock key serialising schema set-up between processes.
-_SCHEMA_LOCK = 0x676F7664625F7363  # "govdb_sc"
+SCHEMA_LOCK = 0x676F7664625F7363  # "govdb_sc"
 _CLOSING_PHASE = {"resolved": "resolved", "escalated": "escalated", "failed": "failed", "cancelled": "failed"}
 _CLOSE_TIMEOUT = 10.0
-# Words that may be spelt differently in jsonb's text than in Python's JSON
-# (numbers: jsonb prints 1e+20 as 100000000000000000000): never prefiltered.
-_NUMBERISH = re.compile(r"^[0-9]+e?$")
-_TOKEN = re.compile(r"^[a-z0-9_]{1,200}$")
 
 # SQLSTATE classes meaning "try again later": connection (08), resources
 # (53), operator intervention incl. statement timeout (57), lock not
@@ -206,7 +202,7 @@ class PostgresDatabase(Database):
         """Create or check the schema, partitions and graph; return whether the graph is on."""
         async with conn.transaction():
             # Two processes starting at once: the second waits, then finds it done.
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", _SCHEMA_LOCK)
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK)
             stored = await _stored_version(conn)
             if stored is not None and stored > SCHEMA_VERSION:
                 raise SchemaError(f"the database schema is version {stored}, newer than this govdb"
@@ -309,13 +305,6 @@ class PostgresDatabase(Database):
             status = await conn.copy_records_to_table(name, schema_name=schema or "public",
                                                       columns=list(columns), records=records)
         return int(status.split()[-1])
-
-    async def rebuild_graph(self) -> dict[str, int]:
-        """Mirror every relational row into the AGE graph anew (after a COPY backfill); return counts."""
-        if not self.supports_graph:
-            raise SchemaError("the AGE graph is off for this store (AGE missing or DB_AGE_ENABLED=0)")
-        async with self.acquire(transaction=True) as conn:
-            return await self._graph.rebuild(conn)
 
     async def _exists(self, conn: asyncpg.Connection, kind: str, key: str) -> bool:
         return bool(await conn.fetchval(_EXISTS[kind], key))
@@ -542,9 +531,9 @@ class PostgresDatabase(Database):
                     raise ConflictError(f"audit event {ev.event_id} already exists with other content") from exc
                 if fresh:
                     await conn.execute(
-                        f"INSERT INTO audit.events ({_EVENT_COLS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                        f"INSERT INTO audit.events ({_EVENT_COLS}, words) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
                         ev.event_id, ev.timestamp, ev.event_type, ev.agent_id, ev.session_id, ev.confidence,
-                        ev.details, ev.raw_hash)
+                        ev.details, ev.raw_hash, audit_words(ev.event_type, dump_json(ev.details)))
                     return ev, True
                 row = await conn.fetchrow(
                     f"SELECT {', '.join('e.' + c for c in _EVENT_COLS.split(', '))} FROM audit.event_hashes h"
@@ -566,36 +555,10 @@ class PostgresDatabase(Database):
         return [_audit(r) for r in rows]
 
     async def _search_audit_events(self, words: tuple[str, ...], limit: int) -> list[AuditEvent]:
-        def exact(row: asyncpg.Record) -> bool:
-            return _has_words(words, row["event_type"], dump_json(row["details"]))
-
-        conds = [("core.search_tokens(event_type || ' ' || details::text) @> {}",
-                  _prefilter_tokens(words, numbers_ok=False) or None)]
-        rows = await self._page(f"SELECT {_EVENT_COLS} FROM audit.events", conds, ("ts", "event_id"), limit, exact)
-        return [_audit(r) for r in rows]
-
-    async def _page(self, select: str, conds: list[tuple[str, Any]], keys: tuple[str, str], limit: int,
-                    exact: Callable[[asyncpg.Record], bool] | None = None) -> list[asyncpg.Record]:
-        """Return up to ``limit`` rows newest first by ``keys`` (both DESC) that pass ``exact``.
-
-        Without ``exact`` this is one query. With it, candidates (narrowed by
-        ``conds``, e.g. the word index) come in pages and the exact word test
-        runs here, so the limit counts true matches only.
-        """
-        k1, k2 = keys
-        size = limit if exact is None else min(max(limit, 100), 1000)
-        out: list[asyncpg.Record] = []
-        after: tuple[Any, Any] | None = None
         async with self.acquire() as conn:
-            while True:
-                page = conds if after is None else [*conds, (f"({k1}, {k2}) < ({{}}, {{}})", after)]
-                where, args = _filters(*page)
-                rows = await conn.fetch(f"{select} WHERE {where} ORDER BY {k1} DESC, {k2} DESC"
-                                        f" LIMIT ${len(args) + 1}", *args, size)
-                out.extend(rows if exact is None else filter(exact, rows))
-                if exact is None or len(out) >= limit or len(rows) < size:
-                    return out[:limit]
-                after = (rows[-1][k1.split(".")[-1]], rows[-1][k2.split(".")[-1]])
+            rows = await conn.fetch(f"SELECT {_EVENT_COLS} FROM audit.events WHERE words @> $1::text[]"
+                                    " ORDER BY ts DESC, event_id DESC LIMIT $2", _query_words(words), limit)
+        return [_audit(r) for r in rows]
 
     # -- tool usage ------------------------------------------------------
 
@@ -640,11 +603,12 @@ class PostgresDatabase(Database):
             await self._require(conn, "agent", disc.agent_id)
             created = await conn.fetchval(
                 "INSERT INTO core.discoveries (id, agent_id, type, severity, status, created_at, updated_at,"
-                " resolved_at, summary, details, related_files, confidence)"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) ON CONFLICT (id) DO NOTHING"
+                " resolved_at, summary, details, related_files, confidence, words)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) ON CONFLICT (id) DO NOTHING"
                 " RETURNING true",
                 disc.id, disc.agent_id, disc.type, disc.severity, disc.status, disc.created_at, disc.updated_at,
-                disc.resolved_at, disc.summary, disc.details, list(disc.related_files), disc.confidence)
+                disc.resolved_at, disc.summary, disc.details, list(disc.related_files), disc.confidence,
+                discovery_words(disc.summary, disc.details))
             if not created:
                 raise ConflictError(f"discovery {disc.id!r} already exists")
             if disc.tags:
@@ -697,15 +661,12 @@ class PostgresDatabase(Database):
             ("d.type = {}", type), ("d.status = {}", status), ("d.agent_id = {}", agent_id),
             ("d.id IN (SELECT t.discovery_id FROM core.discovery_tags t WHERE t.tag = ANY ({}::text[])"
              f" GROUP BY t.discovery_id HAVING count(*) = {len(tags)})", list(tags) if tags else None)]
-
-        def exact(row: asyncpg.Record) -> bool:
-            return _has_words(words, row["summary"], row["details"])
-
         if words:
-            filters.append(("core.search_tokens(d.summary || ' ' || coalesce(d.details, '')) @> {}",
-                            _prefilter_tokens(words, numbers_ok=True) or None))
-        rows = await self._page(f"SELECT {_DISC_COLS} FROM core.discoveries d", filters, ("d.created_at", "d.id"),
-                                limit, exact if words else None)
+            filters.append(("d.words @> {}::text[]", _query_words(words)))
+        where, args = _filters(*filters)
+        async with self.acquire() as conn:
+            rows = await conn.fetch(f"SELECT {_DISC_COLS} FROM core.discoveries d WHERE {where}"
+                                    f" ORDER BY d.created_at DESC, d.id DESC LIMIT ${len(args) + 1}", *args, limit)
         return [_discovery(r) for r in rows]
 
     async def _get_neighbors(self, discovery_id: str, edge_type: str | None) -> list[Neighbor]:
@@ -899,14 +860,18 @@ def _filters(*pairs: tuple[str, Any]) -> tuple[str, list[Any]]:
     return " AND ".join(conds) or "true", args
 
 
-def _prefilter_tokens(words: tuple[str, ...], *, numbers_ok: bool) -> list[str]:
-    """Return the query words core.search_tokens() is sure to index for a matching row."""
-    return [w for w in words if _TOKEN.match(w) and (numbers_ok or not _NUMBERISH.match(w))]
+def audit_words(event_type: str, details_text: str) -> list[str]:
+    """Return the ``words`` of an audit event: those of its type and its details as JSON text."""
+    return indexed_words(event_type + " " + details_text)
 
 
-def _has_words(words: tuple[str, ...], *texts: str | None) -> bool:
-    have = set(search_words(" ".join(t for t in texts if isinstance(t, str))))
-    return all(w in have for w in words)
+def discovery_words(summary: str, details: str | None) -> list[str]:
+    """Return the ``words`` of a discovery: those of its summary and details."""
+    return indexed_words(summary if details is None else summary + " " + details)
+
+
+def _query_words(words: tuple[str, ...]) -> list[str]:
+    return [indexed_word(w) for w in words]
 
 
 def _require_active(sess: DialecticSession) -> None:

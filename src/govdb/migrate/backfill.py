@@ -1,40 +1,58 @@
 """Backfill a legacy governance.db into PostgreSQL's relational tables.
 
-Per table, in dependency order: read a batch from the source (source.py),
-clean it (clean.py), COPY it into a staging table without indexes, merge it
-with one set-based INSERT ... SELECT ... ON CONFLICT, and write the batch's
-quarantined rows, repairs and checkpoint in the same transaction. A kill at
-any moment loses at most the batch in flight; ``resume=True`` goes on after
-the last committed key, and every merge is idempotent, so there are no
-duplicates and no gaps. Cleaning of batch N+1 (a worker thread) overlaps
-the merge of batch N.
+Worker processes (one per core) read the append-only tables by key range
+(ranges fixed when the table starts) and clean them (source.py, clean.py)
+into COPY text; the tables whose rows a live server changes in place are read
+in one snapshot and cleaned here. The run writes each batch in key order
+with its quarantined rows, repairs and checkpoint in one transaction. Audit
+events, tool usage and the other tables (in dependency order) load at the same
+time, each stream on a connection of its own. A kill at any moment loses at
+most the batches in flight; ``resume=True`` goes on after the last committed
+key of each table, and every write is idempotent, so there are no duplicates
+and no gaps.
 
-Rows already in PostgreSQL win when they are newer (live dual-writes):
-entity tables are upserted only where the source row is newer, append-only
-tables never overwrite. Legacy numeric ids are kept, and the identity
-sequences are moved past them at the end.
+A batch is COPYed straight into its table; one with rows PostgreSQL holds
+already fails there and is COPYed into a staging table and merged with one
+set-based INSERT ... SELECT ... ON CONFLICT instead (after a few such
+batches, every batch of the table is). Into a big append-only table that
+holds few rows (a first load) the non-unique indexes are dropped for the
+load and built afterwards (recorded in migrate.deferred_indexes, so an
+interrupted run's are built by the next). Rows already in PostgreSQL win
+when they are newer (live dual-writes): entity tables are upserted only where
+the source row is newer, append-only tables never overwrite. Legacy numeric
+ids are kept, and the identity sequences are moved past them at the end.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
+import heapq
+import itertools
 import logging
+import math
+import os
+import pickle
+import re
+import signal
+import struct
+import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import date, datetime, timezone, tzinfo
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
 
 import asyncpg
 
 from ..config import SecretUrl, Settings, parse_postgres_url
 from ..errors import ConfigError, GovdbError, StoreUnavailableError
-from . import MigrationError
-from .clean import TARGETS, Cleaner, Context, Outcome, build_context, prescan_duplicates
+from . import MigrationError, SourceError
+from .clean import TARGETS, Cleaner, Context, Outcome, build_context, prescan_duplicates, raw_text
 from .source import LegacySource, decode_key, encode_key, quote_ident, quote_qualified
 
 UTC = timezone.utc
@@ -81,6 +99,22 @@ _FIRST_PARTITION_YEAR = 2000
 _MAX_MONTHS_AHEAD = 12
 _LOCK_KEY = 0x676F7664625F6D67  # "govdb_mg": one backfill per database at a time
 _ROW_ERROR_CLASSES = ("22", "23", "54")  # data exception, integrity, program limit
+#: Loaded on streams of their own, at the same time as the rest: they point at no other table.
+_OWN_STREAM = ("audit_events", "tool_usage")
+#: Big append-only tables whose non-unique indexes are dropped while a first load fills them
+#: (unique ones stay: dedup and dual-writes need them), and the tables that holds them.
+DEFERRABLE: dict[str, tuple[str, ...]] = {
+    "audit_events": ("audit.events", "audit.event_hashes"),
+    "tool_usage": ("audit.tool_usage",),
+    "agent_state": ("core.agent_state",),
+}
+#: Fewest rows to load for which dropping and rebuilding indexes pays.
+MIN_DEFER_ROWS = 10_000
+#: maintenance_work_mem of an index build after a load.
+INDEX_BUILD_MEMORY = "512MB"
+#: Failed direct COPYs (rows PostgreSQL holds already) after which a table is only merged.
+_MAX_DIRECT_FAILURES = 3
+_INDEX_DEF = re.compile(r'^CREATE INDEX ((?:"(?:[^"]|"")+"|[^ ]+)) ON (?:ONLY )?')
 
 
 @dataclass
@@ -182,14 +216,15 @@ async def backfill(
     settings_or_url: Settings | SecretUrl | str, sqlite_path: Path | str, *,
     tables: Sequence[str] | str | None = None, dry_run: bool = False, resume: bool = False,
     restart: bool = False, source_tz: tzinfo | str = UTC, batch_size: int = DEFAULT_BATCH_SIZE,
-    progress: bool = True,
+    progress: bool = True, workers: int | None = None,
 ) -> BackfillReport:
     """Copy the legacy SQLite file into PostgreSQL; return per-table counts.
 
     ``tables``: names of :data:`UNITS` (or legacy table names); None = all.
     ``dry_run``: read and clean everything, write nothing. ``resume``: go on
     from the checkpoints; ``restart``: discard them first. Without either, a
-    run refuses when an unfinished backfill is recorded. Raises
+    run refuses when an unfinished backfill is recorded. ``workers``: processes
+    that read and clean the source (default: one per core). Raises
     :class:`~govdb.errors.GovdbError` subclasses with messages naming the fix.
     """
     settings = _settings(settings_or_url)
@@ -199,9 +234,12 @@ async def backfill(
         raise MigrationError("use --resume or --restart, not both")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError("batch_size", f"must be a positive whole number; got {batch_size!r}")
+    if workers is not None and (not isinstance(workers, int) or workers < 1):
+        raise ConfigError("workers", f"must be a positive whole number; got {workers!r}")
     source = LegacySource(sqlite_path)
     try:
-        run = _Run(settings, source, selected, tz, batch_size, progress)
+        run = _Run(settings, source, selected, tz, batch_size, progress,
+                   workers if workers is not None else (os.cpu_count() or 1))
         if dry_run:
             return await run.dry_run()
         return await run.backfill(resume=resume, restart=restart)
@@ -261,11 +299,13 @@ class _Table:
     had_quarantine: bool = False
     had_repairs: bool = False
     stage: str = ""
+    direct: bool = True             # COPY straight into the target (until it holds rows of the source)
+    direct_failures: int = 0
 
 
 class _Run:
     def __init__(self, settings: Settings, source: LegacySource, tables: list[str], tz: tzinfo,
-                 batch_size: int, progress: bool):
+                 batch_size: int, progress: bool, workers: int):
         self.settings = settings
         self.url = settings.postgres_url
         self.source = source
@@ -277,6 +317,7 @@ class _Run:
         self.conn: asyncpg.Connection | None = None
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="govdb-backfill-source")
         self.months: set[tuple[str, date]] = set()
+        self.workers = _Workers(workers)
         self.progress = _Progress(progress)
         self.report = BackfillReport(
             source=str(source.path), fingerprint=self.fingerprint, target=self.url.masked, dry_run=False,
@@ -350,14 +391,22 @@ class _Run:
         started = time.perf_counter()
         await self._prepare_schema()
         self.conn = conn = await self._connect()
+        streams: list[_Stream] = []
         try:
             if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _LOCK_KEY):
                 raise MigrationError("another backfill is running against this database;"
                                      " wait for it to finish (or stop it) and retry")
+            began = time.perf_counter()
+            built = await restore_indexes(conn, self._connect)
+            if built:
+                self.report.notes.append(
+                    f"built {len(built)} indexes an interrupted backfill had deferred ({', '.join(built)})"
+                    f" in {time.perf_counter() - began:.1f} s")
             plan = await self._plan(resume=resume, restart=restart)
+            await self.workers.start()
+            streams = [_Stream(self, tables, i) for i, tables in enumerate(_streams(self.tables))]
             with self.progress:
-                for table in self.tables:
-                    await self._table(table, plan.get(table))
+                await _all([s.load(plan) for s in streams])
             await conn.execute("SELECT core.sync_identity_sequences()")
             if set(self.tables) & {"agent_metadata", "discoveries", "discovery_tags", "discovery_edges",
                                    "dialectic_sessions", "dialectic_messages"}:
@@ -368,9 +417,13 @@ class _Run:
             raise StoreUnavailableError(f"lost PostgreSQL at {self.url.masked} ({type(exc).__name__}: {exc});"
                                         " rerun with --resume") from exc
         finally:
+            for stream in streams:
+                await stream.close()
+            await self.workers.close()
             self.pool.shutdown(wait=True)
             if not conn.is_closed():
                 await conn.close()
+        self.report.tables.sort(key=lambda rep: ORDER.index(rep.table))
         self.report.seconds = time.perf_counter() - started
         return self.report
 
@@ -438,12 +491,47 @@ class _Run:
                                          f" add {unit} to --tables")
         return mine if resume else {}
 
+
+class _Stream:
+    """Tables loaded one after another on a connection of their own; the streams of a run
+    load at the same time (see :func:`_streams`), their batches cleaned by the worker processes."""
+
+    def __init__(self, run: _Run, tables: list[str], priority: int = 0):
+        self.run = run
+        self.tables = tables
+        self.priority = priority
+        self.fingerprint = run.fingerprint
+        self.batch_size = run.batch_size
+        self.cleaner = Cleaner(source_tz=run.tz)
+        self.source: LegacySource | None = None
+        self.conn: asyncpg.Connection | None = None
+        # Source reads of this stream that stay in this process (tables read in one snapshot,
+        # rows to quarantine).
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix=f"govdb-backfill-{tables[0]}")
+
+    async def load(self, plan: dict[str, Any]) -> None:
+        self.source = LegacySource(self.run.source.path)
+        self.conn = await self.run._connect()
+        for table in self.tables:
+            await self._table(table, plan.get(table))
+
+    async def close(self) -> None:
+        conn, self.conn = self.conn, None
+        if conn is not None and not conn.is_closed():
+            try:
+                await asyncio.wait_for(conn.close(), 10)
+            except (OSError, asyncio.TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresError):
+                conn.terminate()
+        self.pool.shutdown(wait=True)
+        if self.source is not None:
+            self.source.close()
+
     async def _table(self, table: str, checkpoint: Any) -> None:
-        conn = self.conn
-        assert conn is not None
+        conn, source = self.conn, self.source
+        assert conn is not None and source is not None
         target = TARGETS[table]
         rep = TableReport(table, target.table)
-        self.report.tables.append(rep)
+        self.run.report.tables.append(rep)
         t = _Table(table, rep)
         if checkpoint is not None and checkpoint["done"]:
             _from_checkpoint(rep, checkpoint)
@@ -458,57 +546,125 @@ class _Run:
                 " ON CONFLICT (source, source_table) DO UPDATE SET source_path = EXCLUDED.source_path,"
                 " last_key = NULL, rows_read = 0, rows_migrated = 0, rows_quarantined = 0, rows_repaired = 0,"
                 " rows_inserted = 0, rows_updated = 0, done = false, started_at = now(), updated_at = now()",
-                self.fingerprint, table, str(self.source.path))
+                self.fingerprint, table, str(source.path))
         t.had_quarantine, t.had_repairs = await conn.fetchrow(
             "SELECT EXISTS (SELECT 1 FROM migrate.quarantine WHERE source = $1 AND source_table = $2),"
             " EXISTS (SELECT 1 FROM migrate.repairs WHERE source = $1 AND source_table = $2)",
             self.fingerprint, table)
-        await self._load_context(table)
         t.stage = quote_ident(f"govdb_stage_{table}")
-        cols = ", ".join(quote_ident(c) for c in target.columns)
         await conn.execute(f"DROP TABLE IF EXISTS pg_temp.{t.stage}")
-        await conn.execute(f"CREATE TEMP TABLE {t.stage} AS SELECT {cols} FROM {quote_qualified(target.table)}"
-                           " WITH NO DATA")
-        notes_before = self.cleaner.notes.copy()
         started = time.perf_counter()
         elapsed_before = rep.seconds
-        loop = asyncio.get_running_loop()
-        batches = self._batches(t)
-        task = None
+        if table in _UPSERT:  # rows a live server changes in place: one snapshot, read here
+            await self._load_context(table)
+            jobs: list[dict[str, Any]] = []
+            batches = await self._snapshot_batches(t)
+            todo = sum(b.read for b in batches)
+        else:
+            jobs, todo = await self._jobs(t)
+            batches = []
+        deferred: list[str] = []
+        if table in DEFERRABLE and todo >= MIN_DEFER_ROWS and await _holds_few(conn, target.table, todo):
+            deferred = await defer_indexes(conn, DEFERRABLE[table])
+        task = self.run.progress.add(table, rep.source_rows + todo, done=rep.source_rows)
         done_here = 0
+
+        async def write(b: _Batch) -> None:
+            nonlocal done_here
+            await self._write_batch(t, b)
+            rep.seconds = elapsed_before + time.perf_counter() - started
+            done_here += b.read
+            self.run.progress.advance(task, b.read, done_here, time.perf_counter() - started)
+
+        for b in batches:
+            await write(b)
+        # Batches are cleaned ahead by the workers and written in key order (checkpoints follow it).
+        ahead: deque[asyncio.Future[Any]] = deque()
+        jobs.reverse()
         try:
-            pending = loop.run_in_executor(self.pool, next, batches, None)
-            while True:
-                item = await pending
-                if item is None:
-                    break
-                if item[0] == "total":
-                    task = self.progress.add(table, rep.source_rows + item[1], done=rep.source_rows)
-                    pending = loop.run_in_executor(self.pool, next, batches, None)
-                    continue
-                _, outs, last_key = item
-                pending = loop.run_in_executor(self.pool, next, batches, None)  # clean N+1 while N merges
-                await self._write_batch(t, outs, last_key)
-                rep.seconds = elapsed_before + time.perf_counter() - started
-                done_here += len(outs)
-                self.progress.advance(task, len(outs), done_here, time.perf_counter() - started)
+            while jobs or ahead:
+                while jobs and len(ahead) < self.run.workers.size + 1:
+                    ahead.append(asyncio.ensure_future(self.run.workers.run(jobs.pop(), self.priority)))
+                await write(await ahead.popleft())
         finally:
-            await loop.run_in_executor(self.pool, batches.close)
+            for f in ahead:
+                f.cancel()
+            await asyncio.gather(*ahead, return_exceptions=True)
+        if deferred:
+            began = time.perf_counter()
+            built = await restore_indexes(conn, self.run._connect, DEFERRABLE[table])
+            self.run.report.notes.append(
+                f"{table}: {len(deferred)} secondary indexes were dropped for the load and built afterwards in"
+                f" {time.perf_counter() - began:.1f} s ({', '.join(f'{n} {s:.1f} s' for n, s in built.items())})")
         await conn.execute(
             "UPDATE migrate.checkpoints SET done = true, updated_at = now() WHERE source = $1 AND source_table = $2",
             self.fingerprint, table)
         await conn.execute(f"DROP TABLE IF EXISTS pg_temp.{t.stage}")
         if table in ("agent_state", "dialectic_messages"):
             await self._move_sequence(table)
-        rep.notes = self.cleaner.notes - notes_before
         rep.seconds = elapsed_before + time.perf_counter() - started
+
+    async def _jobs(self, t: _Table) -> tuple[list[dict[str, Any]], int]:
+        """Return the worker jobs that read and clean the table's rows after the checkpoint, and how many rows."""
+        table = t.name
+        base = {"path": str(self.run.source.path), "tz": self.run.tz, "table": table,
+                "key_texts": t.had_quarantine or t.had_repairs}
+        if table in ("audit_events", "tool_usage"):
+            context = await self.run.workers.run({**base, "op": "prescan"}, self.priority)
+        else:
+            await self._load_context(table)
+            context = self.cleaner.context
+        ends, todo = await self.run.workers.run({**base, "op": "bounds", "after": t.after, "size": self.batch_size},
+                                                self.priority)
+        base["context"] = context
+        jobs = []
+        lo = t.after
+        if t.after is None:  # a run from the start: first the rows whose key is not text (to quarantine)
+            assert self.source is not None
+            odd = await asyncio.get_running_loop().run_in_executor(self.pool, self.source.odd_count, table)
+            if odd:
+                jobs.append({**base, "op": "odd"})
+                todo += odd
+            lo = ()
+        for hi in ends:
+            jobs.append({**base, "op": "clean", "lo": lo, "hi": hi})
+            lo = hi
+        return jobs, todo
+
+    async def _snapshot_batches(self, t: _Table) -> list[_Batch]:
+        """Read and clean the table here, in one snapshot of the source (identities as a
+        whole: parents and lineage cycles need every row)."""
+        def clean() -> list[_Batch]:
+            source, cleaner, table = self.source, self.cleaner, t.name
+            assert source is not None
+            chunks: list[tuple[list[Outcome], tuple[Any, ...]]] = []
+            with source.snapshot():
+                if table == "agent_metadata":
+                    outs = cleaner.clean_identities(source.rows(table), existing_agents=cleaner.context.agents or ())
+                    if t.after is not None:
+                        outs = [o for o in outs if tuple(o.order) > tuple(t.after)]
+                    for i in range(0, len(outs), self.batch_size):
+                        chunk = outs[i:i + self.batch_size]
+                        chunks.append((chunk, tuple(chunk[-1].order)))
+                else:
+                    for rows in source.batches(table, t.after, self.batch_size):
+                        chunk = cleaner.clean_many(table, rows)
+                        last = chunk[-1].key
+                        chunks.append((chunk, () if any(k is None or not isinstance(k, (str, int)) for k in last)
+                                       else last))
+            notes, cleaner.notes = cleaner.notes, Counter()
+            out = [_pack(table, chunk, last, t.had_quarantine or t.had_repairs) for chunk, last in chunks]
+            if out:
+                out[0].notes = notes
+            return out
+        return await asyncio.get_running_loop().run_in_executor(self.pool, clean)
 
     async def _move_sequence(self, table: str) -> None:
         """Move the id sequence past every id the source ever gave (quarantined rows
         too, and AUTOINCREMENT's high-water mark), so no new id repeats a legacy one."""
-        conn = self.conn
-        assert conn is not None
-        top = await asyncio.get_running_loop().run_in_executor(self.pool, self.source.max_id, table)
+        conn, source = self.conn, self.source
+        assert conn is not None and source is not None
+        top = await asyncio.get_running_loop().run_in_executor(self.pool, source.max_id, table)
         if top > 0:
             await conn.execute(
                 "SELECT setval(s, $1, true) FROM (SELECT pg_get_serial_sequence($2, 'id')::regclass AS s) AS x"
@@ -529,53 +685,39 @@ class _Run:
                                     self.fingerprint, source_table)
             ctx.quarantined[kind] = {decode_key(r[0])[0] for r in keys if r[0].startswith('["')}
 
-    def _batches(self, t: _Table) -> Iterator[tuple[Any, ...]]:
-        """Yield ("total", n) once, then ("batch", outcomes, last_key); runs on the source thread."""
-        table, source, cleaner = t.name, self.source, self.cleaner
-        with source.snapshot():
-            if table == "agent_metadata":
-                outs = cleaner.clean_identities(source.rows(table), existing_agents=cleaner.context.agents or ())
-                if t.after is not None:
-                    after = tuple(t.after)
-                    outs = [o for o in outs if tuple(o.order) > after]
-                yield ("total", len(outs))
-                for i in range(0, len(outs), self.batch_size):
-                    chunk = outs[i:i + self.batch_size]
-                    yield ("batch", chunk, tuple(chunk[-1].order))
-                return
-            yield ("total", source.count(table, t.after))
-            if table in ("audit_events", "tool_usage"):
-                prescan_duplicates(source, cleaner, (table,))
-            for rows in source.batches(table, t.after, self.batch_size):
-                outs = cleaner.clean_many(table, rows)
-                last = outs[-1].key
-                yield ("batch", outs, () if any(k is None or not isinstance(k, (str, int)) for k in last) else last)
+    def _raw_texts(self, table: str, keys: list[tuple[Any, ...]]) -> list[str]:
+        """Return the source rows of ``keys`` as quarantine text (runs on the source thread)."""
+        assert self.source is not None
+        return [raw_text(row) if (row := self.source.row(table, key)) is not None else "{}" for key in keys]
 
     # -- writing one batch -------------------------------------------------------
 
-    async def _write_batch(self, t: _Table, outs: list[Outcome], last_key: tuple[Any, ...]) -> None:
+    async def _write_batch(self, t: _Table, b: _Batch) -> None:
         conn = self.conn
         assert conn is not None
         rep = t.report
-        ok = [o for o in outs if o.ok]
-        await self._ensure_partitions(t.name, ok)
+        await self._ensure_partitions(t.name, b.months)
         async with conn.transaction():
-            inserted, updated, refused = await self._merge_safe(t, ok)
-            for o, reason in refused:
-                o.quarantine(reason, "refused" if reason.startswith("PostgreSQL refused") else "duplicate")
-            quarantined = [o for o in outs if not o.ok]
-            migrated = [o for o in outs if o.ok]
-            repaired = [o for o in migrated if o.repairs]
-            if t.had_quarantine and migrated:
-                await conn.execute(
-                    "DELETE FROM migrate.quarantine WHERE source = $1 AND source_table = $2"
-                    " AND key_md5 IN (SELECT md5(k) FROM unnest($3::text[]) AS k)",
-                    self.fingerprint, t.name, [o.key_text for o in migrated])
-            if t.had_repairs and migrated:
-                await conn.execute(
-                    "DELETE FROM migrate.repairs WHERE source = $1 AND source_table = $2"
-                    " AND key_md5 IN (SELECT md5(k) FROM unnest($3::text[]) AS k)",
-                    self.fingerprint, t.name, [o.key_text for o in migrated])
+            inserted, updated, refused = await self._merge_safe(t, _Rows(b.keys, b.payload, b.hashes))
+            quarantined = list(b.quarantined)
+            gone: set[tuple[Any, ...]] = set()
+            if refused:
+                raws = await asyncio.get_running_loop().run_in_executor(
+                    self.pool, self._raw_texts, t.name, [k for k, _ in refused])
+                for (key, reason), raw in zip(refused, raws):
+                    kind = "refused" if reason.startswith("PostgreSQL refused") else "duplicate"
+                    quarantined.append((encode_key(key), kind, reason, raw))
+                    gone.add(key)
+            migrated = len(b.keys) - len(gone)
+            repaired = [r for r in b.repaired if r[0] not in gone]
+            if migrated and b.key_texts is not None:
+                texts = [kt for k, kt in zip(b.keys, b.key_texts) if k not in gone]
+                for flag, bookkeeping in ((t.had_quarantine, "quarantine"), (t.had_repairs, "repairs")):
+                    if flag:
+                        await conn.execute(
+                            f"DELETE FROM migrate.{bookkeeping} WHERE source = $1 AND source_table = $2"
+                            " AND key_md5 IN (SELECT md5(k) FROM unnest($3::text[]) AS k)",
+                            self.fingerprint, t.name, texts)
             if quarantined:
                 await conn.execute(
                     "INSERT INTO migrate.quarantine (source, source_table, key, kind, reason, raw_row)"
@@ -584,10 +726,8 @@ class _Run:
                     " ON CONFLICT (source, source_table, key_md5) DO UPDATE SET key = EXCLUDED.key,"
                     "   kind = EXCLUDED.kind, reason = EXCLUDED.reason, raw_row = EXCLUDED.raw_row,"
                     "   quarantined_at = now()",
-                    self.fingerprint, t.name, [o.key_text for o in quarantined], [o.kind or "" for o in quarantined],
-                    [o.reason for o in quarantined], [o.raw_text() for o in quarantined])
+                    self.fingerprint, t.name, *map(list, zip(*quarantined)))
             if repaired:
-                cols = _repair_rows(repaired)
                 await conn.execute(
                     "INSERT INTO migrate.repairs (source, source_table, key, column_name, kind, problem, original,"
                     " original_encoding)"
@@ -596,53 +736,71 @@ class _Run:
                     " ON CONFLICT (source, source_table, key_md5, column_name) DO UPDATE SET key = EXCLUDED.key,"
                     "   kind = EXCLUDED.kind, problem = EXCLUDED.problem, original = EXCLUDED.original,"
                     "   original_encoding = EXCLUDED.original_encoding, repaired_at = now()",
-                    self.fingerprint, t.name, *cols)
-            rep.source_rows += len(outs)
-            rep.migrated += len(migrated)
+                    self.fingerprint, t.name, *_repair_rows(repaired))
+            rep.source_rows += b.read
+            rep.migrated += migrated
             rep.quarantined += len(quarantined)
             rep.repaired += len(repaired)
             rep.inserted += inserted
             rep.updated += updated
-            for o in quarantined:
-                rep.problems[f"quarantined: {o.kind}"] += 1
-            for o in repaired:
-                for r in o.repairs:
-                    rep.problems[f"{r.column}: {r.kind}"] += 1
+            for q in quarantined:
+                rep.problems[f"quarantined: {q[1]}"] += 1
+            for _, _, repairs in repaired:
+                for r in repairs:
+                    rep.problems[f"{r[0]}: {r[1]}"] += 1
+            rep.notes.update(b.notes)
             await conn.execute(
                 "UPDATE migrate.checkpoints SET last_key = $3, rows_read = $4, rows_migrated = $5,"
                 " rows_quarantined = $6, rows_repaired = $7, rows_inserted = $8, rows_updated = $9, updated_at = now()"
                 " WHERE source = $1 AND source_table = $2",
-                self.fingerprint, t.name, encode_key(last_key), rep.source_rows, rep.migrated, rep.quarantined,
+                self.fingerprint, t.name, encode_key(b.last_key), rep.source_rows, rep.migrated, rep.quarantined,
                 rep.repaired, rep.inserted, rep.updated)
 
-    async def _merge_safe(self, t: _Table, outs: list[Outcome]) -> tuple[int, int, list[tuple[Outcome, str]]]:
-        """Merge ``outs``; a row PostgreSQL refuses is isolated by halving and comes back with the reason."""
-        if not outs:
+    async def _merge_safe(self, t: _Table, rows: _Rows) -> tuple[int, int, list[tuple[tuple[Any, ...], str]]]:
+        """Merge ``rows``; a row PostgreSQL refuses is isolated by halving and comes back with the reason."""
+        if not rows.keys:
             return 0, 0, []
         conn = self.conn
         assert conn is not None
         try:
             async with conn.transaction():  # a savepoint
-                return await self._merge(t, outs)
+                return await self._merge(t, rows)
         except asyncpg.PostgresError as exc:
             if (exc.sqlstate or "")[:2] not in _ROW_ERROR_CLASSES:
                 raise
-            if len(outs) == 1:
-                return 0, 0, [(outs[0], f"PostgreSQL refused the row (SQLSTATE {exc.sqlstate}: {_first_line(exc)})")]
-            mid = len(outs) // 2
-            a = await self._merge_safe(t, outs[:mid])
-            b = await self._merge_safe(t, outs[mid:])
+            if len(rows.keys) == 1:
+                return 0, 0, [(rows.keys[0], f"PostgreSQL refused the row (SQLSTATE {exc.sqlstate}:"
+                                             f" {_first_line(exc)})")]
+            first, second = rows.halves()
+            a = await self._merge_safe(t, first)
+            b = await self._merge_safe(t, second)
             return a[0] + b[0], a[1] + b[1], a[2] + b[2]
 
-    async def _merge(self, t: _Table, outs: list[Outcome]) -> tuple[int, int, list[tuple[Outcome, str]]]:
+    async def _merge(self, t: _Table, rows: _Rows) -> tuple[int, int, list[tuple[tuple[Any, ...], str]]]:
         conn = self.conn
         assert conn is not None
         table, target = t.name, TARGETS[t.name]
-        await conn.copy_records_to_table(t.stage.strip('"'), records=[o.values for o in outs],
-                                         columns=list(target.columns))
+        if t.direct:
+            try:
+                async with conn.transaction():  # a savepoint
+                    if table == "audit_events":
+                        await _copy_text(conn, "audit.event_hashes", ("raw_hash", "event_id", "ts"), rows.hashes)
+                    await _copy_text(conn, target.table, target.columns, rows.payload)
+                return len(rows.keys), 0, []
+            except asyncpg.PostgresError as exc:
+                # A row PostgreSQL holds already (or refuses): this batch takes the merge below.
+                if (exc.sqlstate or "")[:2] not in _ROW_ERROR_CLASSES:
+                    raise
+                t.direct_failures += 1
+                t.direct = t.direct_failures < _MAX_DIRECT_FAILURES
+        # Made here, in the batch's transaction, so a rollback cannot leave it half there.
+        await conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS {t.stage} AS SELECT"
+                           f" {', '.join(quote_ident(c) for c in target.columns)}"
+                           f" FROM {quote_qualified(target.table)} WITH NO DATA")
+        await _copy_text(conn, t.stage.strip('"'), target.columns, rows.payload)
         cols = ", ".join(quote_ident(c) for c in target.columns)
         into = quote_qualified(target.table)
-        refused: list[tuple[Outcome, str]] = []
+        refused: list[tuple[tuple[Any, ...], str]] = []
         updated = 0
         if table in _UPSERT:
             key, newer = _UPSERT[table]
@@ -662,35 +820,31 @@ class _Run:
                 f" e AS (INSERT INTO audit.events ({cols}) SELECT {', '.join('s.' + quote_ident(c) for c in target.columns)}"
                 f"  FROM {t.stage} s JOIN h USING (raw_hash, event_id) ON CONFLICT DO NOTHING RETURNING 1)"
                 " SELECT count(*) FROM e")
-            if inserted < len(outs):
-                by_id = {o.key[0]: o for o in outs}
+            if inserted < len(rows.keys):
                 for r in await conn.fetch(
-                        f"SELECT s.id, h.event_id AS same_hash FROM {t.stage} s"
+                        f"SELECT s.id, s.event_id, h.event_id AS same_hash FROM {t.stage} s"
                         " LEFT JOIN audit.event_hashes h ON h.raw_hash = s.raw_hash"
                         " WHERE h.event_id IS DISTINCT FROM s.event_id"):
-                    o = by_id[r["id"]]
-                    refused.append((o, f"same content (raw_hash) as audit event {r['same_hash']} already in PostgreSQL"
-                                    if r["same_hash"] else
-                                    f"event_id {o.value('event_id')} is already used in PostgreSQL by an event with"
+                    refused.append(((r["id"],), f"same content (raw_hash) as audit event {r['same_hash']} already in"
+                                    " PostgreSQL" if r["same_hash"] else
+                                    f"event_id {r['event_id']} is already used in PostgreSQL by an event with"
                                     " other content"))
         elif table in _SAME_ROW:
             conflict = "ON CONFLICT (id) DO NOTHING" if table != "tool_usage" else "ON CONFLICT DO NOTHING"
             inserted = await conn.fetchval(
                 f"WITH i AS (INSERT INTO {into} ({cols}) SELECT {cols} FROM {t.stage} {conflict} RETURNING 1)"
                 " SELECT count(*) FROM i")
-            if inserted < len(outs):
+            if inserted < len(rows.keys):
                 same = _SAME_ROW[table]
                 key = "usage_id" if table == "tool_usage" else "id"
-                by_key = {o.value(key): o for o in outs}
                 # A row written by dual-write has the same content; tool usage it
                 # wrote has no legacy id, one from another source row has another.
                 other_id = " OR t.id <> s.id" if table == "tool_usage" else ""
                 for r in await conn.fetch(
-                        f"SELECT s.{key} AS k FROM {t.stage} s JOIN {into} t USING ({key})"
+                        f"SELECT s.id, s.{key} AS k FROM {t.stage} s JOIN {into} t USING ({key})"
                         f" WHERE ({', '.join('t.' + c for c in same)}) IS DISTINCT FROM"
                         f" ({', '.join('s.' + c for c in same)}){other_id}"):
-                    o = by_key[str(r["k"]) if table == "tool_usage" else r["k"]]
-                    refused.append((o, f"{key} {r['k']} is already used in PostgreSQL by another row"))
+                    refused.append(((r["id"],), f"{key} {r['k']} is already used in PostgreSQL by another row"))
         else:  # discovery_tags, discovery_edges: the key is the whole identity
             inserted = await conn.fetchval(
                 f"WITH i AS (INSERT INTO {into} ({cols}) SELECT {cols} FROM {t.stage}"
@@ -698,22 +852,413 @@ class _Run:
         await conn.execute(f"TRUNCATE {t.stage}")
         return inserted, updated, refused
 
-    async def _ensure_partitions(self, table: str, outs: list[Outcome]) -> None:
+    async def _ensure_partitions(self, table: str, months: list[date]) -> None:
         parent = _PARTITIONED.get(table)
-        if parent is None or not outs:
+        if parent is None or not months:
             return
-        ts_index = TARGETS[table].columns.index("ts")
         today = datetime.now(UTC).date()
         last = date(today.year + (today.month - 1 + _MAX_MONTHS_AHEAD) // 12,
                     (today.month - 1 + _MAX_MONTHS_AHEAD) % 12 + 1, 1)
-        months = {o.values[ts_index].date().replace(day=1) for o in outs}  # type: ignore[index]
-        todo = sorted(m for m in months if (parent, m) not in self.months
+        todo = sorted(m for m in months if (parent, m) not in self.run.months
                       and date(_FIRST_PARTITION_YEAR, 1, 1) <= m <= last)
         conn = self.conn
         assert conn is not None
         for month in todo:
             await conn.execute("SELECT audit.create_month_partition($1::regclass, $2::date)", parent, month)
-            self.months.add((parent, month))
+            self.run.months.add((parent, month))
+
+
+# -- batches as the worker processes hand them over ----------------------------------
+
+@dataclass
+class _Batch:
+    """One cleaned batch: COPY text of the rows to load, and what to record about the rest."""
+
+    read: int                                   # source rows in the batch
+    last_key: tuple[Any, ...]                   # the checkpoint after it
+    keys: list[tuple[Any, ...]]                 # key of each row to load, in payload order
+    payload: bytes                              # COPY text (one line a row) of the target's columns
+    hashes: bytes                               # audit_events: COPY text of audit.event_hashes
+    key_texts: list[str] | None                 # encode_key of each row to load (to clear earlier records)
+    quarantined: list[tuple[str, str, str, str]]        # key text, kind, reason, raw row
+    repaired: list[tuple[tuple[Any, ...], str, list[tuple[Any, ...]]]]  # key, key text, repairs
+    months: list[date]                          # months of the rows (partitioned tables)
+    notes: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass
+class _Rows:
+    """Rows to load: their keys and COPY text, halvable to isolate a row PostgreSQL refuses."""
+
+    keys: list[tuple[Any, ...]]
+    payload: bytes
+    hashes: bytes = b""
+
+    def halves(self) -> tuple["_Rows", "_Rows"]:
+        mid = len(self.keys) // 2
+        lines = self.payload.split(b"\n")[:-1]
+        hashes = self.hashes.split(b"\n")[:-1] if self.hashes else []
+
+        def part(s: slice) -> "_Rows":
+            return _Rows(self.keys[s], b"".join(x + b"\n" for x in lines[s]),
+                         b"".join(x + b"\n" for x in hashes[s]))
+        return part(slice(None, mid)), part(slice(mid, None))
+
+
+def _pack(table: str, outs: list[Outcome], last_key: tuple[Any, ...], key_texts: bool) -> _Batch:
+    """Return cleaned rows as a :class:`_Batch` (in a worker process, or here for identities)."""
+    ok = [o for o in outs if o.ok]
+    cols = TARGETS[table].columns
+    fields = [_copy_column(c) for c in zip(*(o.values for o in ok))] if ok else [[] for _ in cols]  # type: ignore[misc]
+    hashes, months = b"", []
+    if table == "audit_events":
+        hashes = _copy_lines(fields[cols.index("raw_hash")], fields[cols.index("event_id")], fields[cols.index("ts")])
+    if table in _PARTITIONED:  # the month of each ts, from its ISO text
+        months = sorted(date(int(m[:4]), int(m[5:7]), 1) for m in {ts[:7] for ts in fields[cols.index("ts")]})
+    return _Batch(
+        read=len(outs), last_key=tuple(last_key), keys=[o.key for o in ok], payload=_copy_lines(*fields),
+        hashes=hashes, key_texts=[o.key_text for o in ok] if key_texts else None,
+        quarantined=[(o.key_text, o.kind or "", o.reason or "", o.raw_text()) for o in outs if not o.ok],
+        repaired=[(o.key, o.key_text, [tuple(r) for r in o.repairs]) for o in ok if o.repairs],
+        months=months)
+
+
+_COPY_SPECIAL = re.compile(r"[\\\t\n\r]")
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def _copy_lines(*columns: Sequence[str]) -> bytes:
+    """Return rows given as columns of COPY text fields as COPY's text format."""
+    if not columns or not columns[0]:
+        return b""
+    return ("\n".join(map("\t".join, zip(*columns))) + "\n").encode("utf-8")
+
+
+def _copy_column(values: Sequence[Any]) -> Sequence[str]:
+    """Return one column's values as COPY text fields, a whole column at a time (C loops, not Python)."""
+    kinds = set(map(type, values))
+    if _NONE in kinds and len(kinds) == 2:  # NULLs among values of one type
+        present = [v for v in values if v is not None]
+        done = iter(_copy_column(present))
+        return [next(done) if v is not None else "\\N" for v in values]
+    if kinds == {str}:
+        if _COPY_SPECIAL.search("\x00".join(values)) is None:  # the whole column tested at once
+            return values
+        return [v if _COPY_SPECIAL.search(v) is None else v.translate(_COPY_ESCAPES) for v in values]
+    if kinds == {int}:
+        return list(map(str, values))
+    if kinds == {datetime}:
+        return list(map(datetime.isoformat, values))
+    if kinds == {float} and all(map(math.isfinite, values)):
+        return list(map(repr, values))
+    if kinds == {bool}:
+        return ["t" if v else "f" for v in values]
+    if kinds == {list} and _plain_text_lists(values):
+        # Words, and tags without quotes or backslashes: every element quoted, so 'NULL' stays text.
+        return _copy_column(['{"' + '","'.join(v) + '"}' if v else "{}" for v in values])
+    return [_copy_field(v) for v in values]
+
+
+def _plain_text_lists(values: Sequence[list[Any]]) -> bool:
+    try:
+        return _ARRAY_SPECIAL.search("\x00".join(map("\x00".join, values))) is None
+    except TypeError:  # an element that is not text
+        return False
+
+
+_ARRAY_SPECIAL = re.compile(r'["\\]')
+_NONE = type(None)
+
+
+def _copy_field(v: Any) -> str:
+    """Return one value as a COPY text field."""
+    t = type(v)
+    if t is str:
+        return v if _COPY_SPECIAL.search(v) is None else v.translate(_COPY_ESCAPES)
+    if v is None:
+        return "\\N"
+    if t is int:
+        return str(v)
+    if t is float:
+        return repr(v) if math.isfinite(v) else ("NaN" if v != v else "Infinity" if v > 0 else "-Infinity")
+    if t is bool:
+        return "t" if v else "f"
+    if t is datetime:
+        return v.isoformat()
+    if t is list or t is tuple:
+        return _copy_field("{" + ",".join("NULL" if x is None else '"' + x.replace("\\", "\\\\").replace('"', '\\"')
+                                          + '"' for x in v) + "}")
+    if t is bytes:
+        return "\\\\x" + v.hex()
+    raise TypeError(f"no COPY text form for a {t.__name__}")
+
+
+async def _copy_text(conn: asyncpg.Connection, table: str, columns: Sequence[str], payload: bytes) -> None:
+    """COPY rows given as COPY text into ``table`` (schema-qualified, or a temporary table's name)."""
+    schema, _, name = table.rpartition(".")
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield payload
+    await conn.copy_to_table(name, schema_name=schema or None, columns=list(columns), source=chunks(), format="text")
+
+
+# -- the worker processes ---------------------------------------------------------
+
+_FRAME = struct.Struct("!Q")
+
+
+class _Workers:
+    """Processes that read and clean batches of the source (the CPU-heavy part of a backfill)
+    so that a run uses every core. They never write to PostgreSQL: the run does, in key order.
+
+    Jobs wait in priority order (a lower number first: the biggest table's stream, whose
+    load and index builds take longest, so that they overlap the rest). Jobs and answers are
+    pickled frames over each worker's stdin and stdout; a worker ends when its stdin closes
+    (so with this process) and, on Linux, when this process dies.
+    """
+
+    def __init__(self, size: int):
+        self.size = max(1, size)
+        self._procs: list[asyncio.subprocess.Process] = []
+        self._idle: list[asyncio.subprocess.Process] = []
+        self._waiting: list[tuple[int, int, dict[str, Any], asyncio.Future[Any]]] = []
+        self._serving: set[asyncio.Task[None]] = set()
+        self._count = itertools.count()
+
+    async def start(self) -> None:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH", "")) if p)
+        for _ in range(self.size):
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", "from govdb.migrate.backfill import _worker_main; _worker_main()",
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env)
+            self._procs.append(proc)
+            self._idle.append(proc)
+
+    async def run(self, job: dict[str, Any], priority: int = 0) -> Any:
+        """Run one job on a worker; return its answer or raise its error."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiting, (priority, next(self._count), job, future))
+        self._dispatch()
+        return await future
+
+    def _dispatch(self) -> None:
+        while self._idle and self._waiting:
+            *_, job, future = heapq.heappop(self._waiting)
+            if future.cancelled():
+                continue
+            task = asyncio.ensure_future(self._serve(self._idle.pop(), job, future))
+            self._serving.add(task)
+            task.add_done_callback(self._serving.discard)
+
+    async def _serve(self, proc: asyncio.subprocess.Process, job: dict[str, Any], future: asyncio.Future[Any]) -> None:
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            data = pickle.dumps(job, pickle.HIGHEST_PROTOCOL)
+            proc.stdin.write(_FRAME.pack(len(data)) + data)
+            await proc.stdin.drain()
+            size, = _FRAME.unpack(await proc.stdout.readexactly(_FRAME.size))
+            ok, value = pickle.loads(await proc.stdout.readexactly(size))
+        except asyncio.CancelledError:
+            if proc.returncode is None:
+                proc.kill()  # stopped mid-job: its frames are out of step
+            raise
+        except Exception as exc:  # noqa: BLE001 - handed to the caller; this worker is not used again
+            if proc.returncode is None:
+                proc.kill()
+            if not future.done():
+                future.set_exception(MigrationError(
+                    f"a backfill worker process ended unexpectedly (exit status {proc.returncode});"
+                    " rerun with --resume") if isinstance(exc, (asyncio.IncompleteReadError, ConnectionError))
+                    else exc)
+            return
+        self._idle.append(proc)
+        self._dispatch()
+        if future.done():
+            return  # its caller went away
+        if ok:
+            future.set_result(value)
+        else:
+            kind, message = value
+            future.set_exception(SourceError(message) if kind == "SourceError" else MigrationError(
+                f"a backfill worker failed ({kind}: {message})"))
+
+    async def close(self) -> None:
+        for task in list(self._serving):
+            task.cancel()
+        await asyncio.gather(*self._serving, return_exceptions=True)
+        for proc in self._procs:
+            if proc.stdin is not None and not proc.stdin.is_closing():
+                proc.stdin.close()
+        for proc in self._procs:
+            try:
+                await asyncio.wait_for(proc.wait(), 10)
+            except asyncio.TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+
+
+def _worker_main() -> None:
+    """Serve the jobs of :class:`_Workers` until stdin closes (the entry point of a worker process)."""
+    _end_with_parent()
+    inp, out = sys.stdin.buffer, sys.stdout.buffer
+    sys.stdout = sys.stderr  # a stray print must not corrupt the frames
+    # A batch is tens of thousands of live objects without cycles: the cyclic collector would
+    # scan them over and over (a fifth of the time). Collect between jobs instead.
+    gc.disable()
+    sources: dict[str, LegacySource] = {}
+    jobs = 0
+    while True:
+        jobs += 1
+        if jobs % 16 == 0:
+            gc.collect()
+        head = inp.read(_FRAME.size)
+        if len(head) < _FRAME.size:
+            return
+        job = pickle.loads(inp.read(_FRAME.unpack(head)[0]))
+        try:
+            reply: tuple[bool, Any] = (True, _work(sources, job))
+        except Exception as exc:  # noqa: BLE001 - the parent raises it
+            reply = (False, (type(exc).__name__, _first_line(exc)))
+        data = pickle.dumps(reply, pickle.HIGHEST_PROTOCOL)
+        out.write(_FRAME.pack(len(data)) + data)
+        out.flush()
+
+
+def _work(sources: dict[str, LegacySource], job: dict[str, Any]) -> Any:
+    """Do one job in a worker process: prescan, bounds, or read and clean one range of rows."""
+    source = sources.get(job["path"])
+    if source is None:
+        source = sources[job["path"]] = LegacySource(job["path"])
+    op, table = job["op"], job["table"]
+    if op == "bounds":
+        return source.bounds(table, job["after"], job["size"])
+    cleaner = Cleaner(source_tz=job["tz"], context=job.get("context"))
+    if op == "prescan":
+        with source.snapshot():
+            prescan_duplicates(source, cleaner, (table,))
+        return cleaner.context
+    if op == "odd":
+        rows, last = source.odd_rows(table), ()
+    else:
+        rows, last = source.between(table, job["lo"], job["hi"]), job["hi"]
+    batch = _pack(table, cleaner.clean_many(table, rows), last, job["key_texts"])
+    batch.notes = cleaner.notes
+    return batch
+
+
+def _end_with_parent() -> None:
+    # Ctrl-C reaches the whole process group: the parent stops the run (and so its workers).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        import ctypes
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: end with the parent
+    except (OSError, AttributeError):
+        pass  # not Linux: the closed stdin ends the worker after its job
+
+
+# -- streams, direct COPY, deferred indexes ------------------------------------------
+
+def _streams(tables: list[str]) -> list[list[str]]:
+    """Split the tables (in load order) into streams that may load at the same time,
+    the one that takes longest (audit events) first."""
+    rest = [t for t in tables if t not in _OWN_STREAM]
+    return [[t] for t in tables if t in _OWN_STREAM] + ([rest] if rest else [])
+
+
+async def _all(coros: Sequence[Coroutine[Any, Any, Any]]) -> None:
+    """Run the coroutines at the same time; on the first failure cancel the others, then raise it."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+async def _holds_few(conn: asyncpg.Connection, table: str, todo: int) -> bool:
+    """Return whether ``table`` holds fewer than a tenth as many rows as ``todo`` (a first load)."""
+    if todo <= 0:
+        return False
+    held = await conn.fetchval(f"SELECT count(*) FROM (SELECT 1 FROM {quote_qualified(table)} LIMIT $1) AS x",
+                               todo // 10 + 1)
+    return held * 10 < todo
+
+
+async def defer_indexes(conn: asyncpg.Connection, tables: Sequence[str]) -> list[str]:
+    """Drop the non-unique indexes of ``tables``, recording their definitions in
+    migrate.deferred_indexes in the same transaction; return their names."""
+    async with conn.transaction():
+        rows = await conn.fetch(
+            "SELECT format('%I.%I', n.nspname, c.relname) AS name, format('%I.%I', tn.nspname, tc.relname) AS tab,"
+            "       pg_get_indexdef(i.indexrelid) AS def"
+            "  FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_namespace n ON n.oid = c.relnamespace"
+            "  JOIN pg_class tc ON tc.oid = i.indrelid JOIN pg_namespace tn ON tn.oid = tc.relnamespace"
+            " WHERE i.indrelid IN (SELECT to_regclass(x) FROM unnest($1::text[]) AS x)"
+            "   AND NOT i.indisunique AND NOT i.indisprimary AND NOT i.indisexclusion"
+            "   AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = i.indexrelid)"
+            " ORDER BY 1", list(tables))
+        if not rows:
+            return []
+        await conn.execute(
+            "INSERT INTO migrate.deferred_indexes (index_name, table_name, definition)"
+            " SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) ON CONFLICT (index_name) DO NOTHING",
+            [r["name"] for r in rows], [r["tab"] for r in rows], [r["def"] for r in rows])
+        for r in rows:
+            await conn.execute(f"DROP INDEX {r['name']}")
+    return [r["name"] for r in rows]
+
+
+async def restore_indexes(conn: asyncpg.Connection, connect: Callable[[], Awaitable[asyncpg.Connection]],
+                          tables: Sequence[str] | None = None, *, workers: int = 2) -> dict[str, float]:
+    """Build the indexes recorded in migrate.deferred_indexes (of ``tables``, or all); return seconds per index.
+
+    Each is built (on a partitioned table: on every partition) and its record
+    deleted in one transaction; up to ``workers`` at a time, the extra
+    connections from ``connect``.
+    """
+    rows = await conn.fetch(
+        "SELECT index_name, definition FROM migrate.deferred_indexes"
+        " WHERE $1::text[] IS NULL OR table_name = ANY ($1::text[])"
+        " ORDER BY definition LIKE '% USING gin %' DESC, deferred_at, index_name",  # the slowest first
+        None if tables is None else list(tables))
+    todo = list(rows)
+    took: dict[str, float] = {}
+
+    async def build(c: asyncpg.Connection) -> None:
+        while todo:
+            r = todo.pop(0)
+            started = time.perf_counter()
+            async with c.transaction():
+                await c.execute(f"SET LOCAL maintenance_work_mem = '{INDEX_BUILD_MEMORY}'")
+                await c.execute(_create_index_sql(r["definition"]))
+                await c.execute("DELETE FROM migrate.deferred_indexes WHERE index_name = $1", r["index_name"])
+            took[r["index_name"]] = time.perf_counter() - started
+
+    extra: list[asyncpg.Connection] = []
+    try:
+        for _ in range(min(workers, len(rows)) - 1):
+            extra.append(await connect())
+        await _all([build(c) for c in (conn, *extra)])
+    finally:
+        for c in extra:
+            await c.close()
+    return took
+
+
+def _create_index_sql(definition: str) -> str:
+    """Return pg_get_indexdef's text as an idempotent statement building the index on
+    the table and, for a partitioned table, on all its partitions."""
+    m = _INDEX_DEF.match(definition)
+    if m is None:
+        raise MigrationError(f"cannot build the deferred index {definition[:120]!r}; build it by hand")
+    return f"CREATE INDEX IF NOT EXISTS {m.group(1)} ON {definition[m.end():]}"
+
 
 
 def summarize(report: BackfillReport, console: Any = None) -> int:
@@ -752,18 +1297,18 @@ def _from_checkpoint(rep: TableReport, c: Any) -> None:
     rep.repaired, rep.inserted, rep.updated = c["rows_repaired"], c["rows_inserted"], c["rows_updated"]
 
 
-def _repair_rows(outs: list[Outcome]) -> list[list[Any]]:
-    """Return the repairs as columns, one row per (key, column): several repairs of a column are joined."""
+def _repair_rows(repaired: list[tuple[Any, str, list[tuple[Any, ...]]]]) -> list[list[Any]]:
+    """Return the repairs (key, key text, repairs as (column, kind, problem, original, encoding))
+    as columns, one row per (key, column): several repairs of a column are joined."""
     merged: dict[tuple[str, str], list[Any]] = {}
-    for o in outs:
-        key = o.key_text
-        for r in o.repairs:
-            have = merged.get((key, r.column))
+    for _, key, repairs in repaired:
+        for column, kind, problem, original, encoding in repairs:
+            have = merged.get((key, column))
             if have is None:
-                merged[(key, r.column)] = [key, r.column, r.kind, r.problem, r.original, r.encoding]
-            elif r.kind not in have[2].split(","):
-                have[2] += "," + r.kind
-                have[3] += "; " + r.problem
+                merged[(key, column)] = [key, column, kind, problem, original, encoding]
+            elif kind not in have[2].split(","):
+                have[2] += "," + kind
+                have[3] += "; " + problem
     return [list(col) for col in zip(*merged.values())]
 
 

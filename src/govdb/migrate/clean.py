@@ -31,7 +31,8 @@ from typing import Any, Iterable, Mapping
 
 from .. import legacy
 from ..backends.base import audit_hash
-from ..convert import legacy_uuid, parse_timestamp, read_bool, read_float, read_int
+from ..backends.postgres import audit_words, discovery_words
+from ..convert import dump_json, legacy_uuid, parse_timestamp, read_bool, read_float, read_int
 from ..keys import PREFIX as KEY_PREFIX
 from ..keys import hash_api_key
 from ..records import (
@@ -77,14 +78,14 @@ TARGETS: dict[str, Target] = {t.source: t for t in (
             "snapshot"), frozenset({"snapshot"})),
     Target("calibration_state", "core.calibration", ("id", "state", "version", "updated_at"), frozenset({"state"})),
     Target("audit_events", "audit.events",
-           ("id", "event_id", "ts", "agent_id", "session_id", "event_type", "confidence", "details", "raw_hash"),
-           frozenset({"details"})),
+           ("id", "event_id", "ts", "agent_id", "session_id", "event_type", "confidence", "details", "raw_hash",
+            "words"), frozenset({"details"})),
     Target("tool_usage", "audit.tool_usage",
            ("id", "usage_id", "ts", "agent_id", "session_id", "tool_name", "latency_ms", "success", "error_type",
             "payload"), frozenset({"payload"})),
     Target("discoveries", "core.discoveries",
            ("id", "agent_id", "type", "severity", "status", "created_at", "updated_at", "resolved_at", "summary",
-            "details", "related_files", "confidence", "embedding"), frozenset({"related_files"})),
+            "details", "related_files", "confidence", "embedding", "words"), frozenset({"related_files"})),
     Target("discovery_tags", "core.discovery_tags", ("discovery_id", "tag")),
     Target("discovery_edges", "core.discovery_edges",
            ("src_id", "dst_id", "edge_type", "response_type", "weight", "created_at", "created_by", "metadata"),
@@ -189,7 +190,9 @@ class Context:
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _BAD_TEXT = re.compile("[\x00\ud800-\udfff]")
-_JSON_WALK = re.compile(r"NaN|Infinity|\\u(?:0000|[dD][89a-fA-F])|[0-9][eE]")
+# NaN, Infinity, \u0000 or a surrogate escape, a number with an exponent. Spelt to start with
+# one character class, which the regular expression engine skips to quickly.
+_JSON_WALK = re.compile(r"[NI\\0-9](?:(?<=N)aN|(?<=I)nfinity|(?<=\\)u(?:0000|[dD][89a-fA-F])|(?<=[0-9])[eE])")
 _EPOCH_TEXT = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)")
 _UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 _EMPTY = {dict: "{}", list: "[]"}
@@ -258,7 +261,7 @@ def _escape_surrogates(text: str) -> str:
 def _text(col: str, v: Any, rep: list[Repair]) -> Any:
     """Return text PostgreSQL accepts: NUL removed, bytes that are not UTF-8 as U+FFFD."""
     if type(v) is str:
-        if not _BAD_TEXT.search(v):
+        if (v.isascii() and "\x00" not in v) or not _BAD_TEXT.search(v):
             return v
         return _fix_text(col, v, rep)
     if v is None:
@@ -326,7 +329,7 @@ def _json(col: str, v: Any, rep: list[Repair], kind: type = dict) -> tuple[Any, 
 def _load_json(col: str, v: Any, rep: list[Repair], kind: type) -> tuple[Any, str, tuple[str, str] | None]:
     if type(v) is str:
         text = v
-        if _SURROGATE.search(v):
+        if not v.isascii() and _SURROGATE.search(v):
             # Read as the SQLite backend reads it (its text_factory replaces).
             try:
                 text = v.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
@@ -338,7 +341,7 @@ def _load_json(col: str, v: Any, rep: list[Repair], kind: type) -> tuple[Any, st
     else:
         return None, "", ("invalid-json", f"{col} holds a {type(v).__name__}, not JSON text; stored {_EMPTY[kind]}")
     try:
-        value = json.loads(text)
+        value = _loads(text)
     except (ValueError, RecursionError):
         return None, text, ("invalid-json", f"{col} is not valid JSON; stored {_EMPTY[kind]}")
     if value is None:
@@ -348,6 +351,18 @@ def _load_json(col: str, v: Any, rep: list[Repair], kind: type) -> tuple[Any, st
         return None, text, ("json-wrong-type", f"{col} holds a JSON {_json_type(value)} where {want} is expected;"
                                                f" stored {_EMPTY[kind]}")
     return value, text, None
+
+
+_scan_json = json.JSONDecoder().scan_once
+
+
+def _loads(text: str) -> Any:
+    """Return json.loads(text): the scanner alone when the document fills the text (most do)."""
+    try:
+        value, end = _scan_json(text, 0)
+    except (StopIteration, ValueError, RecursionError):
+        return json.loads(text)  # the same error, or a document within whitespace
+    return value if end == len(text) else json.loads(text)
 
 
 def _checked_json(col: str, original: Any, value: Any, text: str, rep: list[Repair]) -> tuple[Any, str]:
@@ -839,7 +854,13 @@ class Cleaner:
                                       confidence))
                 conf = 1.0
             confidence = conf
-        details, details_text = _json("details_json", r.get("details_json"), rep)
+        raw_details, repairs_before = r.get("details_json"), len(rep)
+        details, details_text = _json("details_json", raw_details, rep)
+        if type(raw_details) is str and len(rep) == repairs_before:
+            # The text the SQLite backend searches: the stored JSON, re-written when it has \u escapes.
+            searched = raw_details if "\\u" not in raw_details else dump_json(details)
+        else:
+            searched = dump_json(details)  # repaired: what the row holds now
         raw_hash = r.get("raw_hash")
         if not raw_hash:
             raw_hash = audit_hash(ts, event_type, agent, session, details)
@@ -849,7 +870,8 @@ class Cleaner:
             raw_hash, why = _indexed("raw_hash", raw_hash, rep)
             if why:
                 return out.quarantine(f"raw_hash {why}", "too-long")
-        out.values = (rowid, event_id, ts, agent, session, event_type, confidence, details_text, raw_hash)
+        out.values = (rowid, event_id, ts, agent, session, event_type, confidence, details_text, raw_hash,
+                      audit_words(event_type, searched))
         return out
 
     def _tool_usage(self, r: Row) -> Outcome:
@@ -899,12 +921,13 @@ class Cleaner:
         if embedding is not None and not isinstance(embedding, bytes):
             rep.append(Repair("embedding", "not-blob", "embedding is not a BLOB; its UTF-8 bytes stored", embedding))
             embedding = str(embedding).encode("utf-8", "surrogateescape")
-        out.values = (did, agent, dtype, severity, status, created,
-                      self._optional_ts("updated_at", r.get("updated_at"), rep, garbage=created,
-                                        garbage_name="created_at"),
-                      self._optional_ts("resolved_at", r.get("resolved_at"), rep),
-                      _text("summary", r.get("summary") or "", rep), _text("details", r.get("details"), rep),
-                      files_text, _float("confidence", r.get("confidence"), rep), embedding)
+        updated = self._optional_ts("updated_at", r.get("updated_at"), rep, garbage=created,
+                                    garbage_name="created_at")
+        resolved = self._optional_ts("resolved_at", r.get("resolved_at"), rep)
+        summary, details = _text("summary", r.get("summary") or "", rep), _text("details", r.get("details"), rep)
+        out.values = (did, agent, dtype, severity, status, created, updated, resolved, summary, details,
+                      files_text, _float("confidence", r.get("confidence"), rep), embedding,
+                      discovery_words(summary, details))
         return out
 
     def _tag(self, r: Row) -> Outcome:

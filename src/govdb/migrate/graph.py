@@ -35,7 +35,7 @@ from typing import Any, AsyncIterator, Iterable, Iterator
 import asyncpg
 
 from ..backends import age
-from ..backends.postgres import _SCHEMA_LOCK as SCHEMA_LOCK
+from ..backends.postgres import SCHEMA_LOCK
 from ..config import SecretUrl
 from ..convert import format_timestamp
 from ..errors import GovdbError, SchemaError, StoreUnavailableError

@@ -112,7 +112,7 @@ class LegacySource:
                                    timeout=BUSY_TIMEOUT_MS / 1000)
         except sqlite3.Error as exc:
             raise SourceError(f"cannot open {self.path} ({exc})") from exc
-        conn.text_factory = functools.partial(str, encoding="utf-8", errors="surrogateescape")
+        conn.text_factory = self._lossless = functools.partial(str, encoding="utf-8", errors="surrogateescape")
         try:
             names = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
             self.journal_mode = str(conn.execute("PRAGMA journal_mode").fetchone()[0]).lower()
@@ -210,25 +210,36 @@ class LegacySource:
             odd = self._fetch(f"SELECT rowid AS _rowid, * FROM {name} WHERE {self._odd_keys(table)} ORDER BY rowid")
             if odd:
                 yield odd
+        select = f"SELECT rowid AS _rowid, * FROM {name} WHERE {{}} ORDER BY {keys}"
         if self.wal:
             # One statement inside the caller's snapshot (or its own read).
             with self.snapshot():
-                where, args = self._after(table, after)
-                cur = self._conn.execute(f"SELECT rowid AS _rowid, * FROM {name} WHERE {where} ORDER BY {keys}",
-                                         args)
-                cols = [d[0] for d in cur.description]
+                cur, last = None, after
                 while True:
-                    chunk = cur.fetchmany(size)
+                    if cur is None:
+                        where, args = self._after(table, last)
+                        cur = self._conn.execute(select.format(where), args)
+                        cols = [d[0] for d in cur.description]
+                    try:
+                        chunk = [dict(zip(cols, r)) for r in self._fetch_utf8(cur.fetchmany, size)]
+                    except sqlite3.OperationalError:
+                        # Text that is not UTF-8 somewhere in this batch: read it losslessly.
+                        cur = None
+                        where, args = self._after(table, last)
+                        chunk = self._fetch(select.format(where) + " LIMIT ?", (*args, size))
                     if not chunk:
                         break
-                    yield [dict(zip(cols, r)) for r in chunk]
+                    yield chunk
+                    last = tuple(chunk[-1][k] for k in KEYS[table])
             return
         last = after
         while True:
             # Autocommit: each batch is a short read of its own.
             where, args = self._after(table, last)
-            chunk = self._fetch(f"SELECT rowid AS _rowid, * FROM {name} WHERE {where} ORDER BY {keys} LIMIT ?",
-                                (*args, size))
+            try:
+                chunk = self._fetch(select.format(where) + " LIMIT ?", (*args, size), utf8=True)
+            except sqlite3.OperationalError:
+                chunk = self._fetch(select.format(where) + " LIMIT ?", (*args, size))
             if not chunk:
                 return
             yield chunk
@@ -236,10 +247,82 @@ class LegacySource:
             if len(chunk) < size:
                 return
 
-    def _fetch(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
+    def bounds(self, table: str, after: Sequence[Any] | None, size: int) -> tuple[list[tuple[Any, ...]], int]:
+        """Return the keys ending consecutive ranges of ``size`` rows after ``after`` (the last
+        one ends at the last key), and how many rows they hold. Rows whose key is not text
+        are not counted (:meth:`odd_rows`). Each range is found by a short read of its own."""
+        if table not in self.tables:
+            return [], 0
+        keys = ", ".join(quote_ident(k) for k in KEYS[table])
+        ends: list[tuple[Any, ...]] = []
+        n, last = 0, after
+        while True:
+            where, args = self._after(table, last)
+            chunk = self._conn.execute(f"SELECT {keys} FROM {quote_ident(table)} WHERE {where} ORDER BY {keys}"
+                                       " LIMIT ?", (*args, size)).fetchall()
+            if not chunk:
+                return ends, n
+            n += len(chunk)
+            last = tuple(chunk[-1])
+            ends.append(last)
+            if len(chunk) < size:
+                return ends, n
+
+    def odd_count(self, table: str) -> int:
+        """Return how many rows :meth:`odd_rows` returns."""
+        if table not in self.tables or table in INTEGER_KEYED:
+            return 0
+        return self._scalar(f"SELECT count(*) FROM {quote_ident(table)} WHERE {self._odd_keys(table)}")
+
+    def odd_rows(self, table: str) -> list[Row]:
+        """Return the rows whose text key is NULL or not text (read first on a run from the start)."""
+        if table not in self.tables or table in INTEGER_KEYED:
+            return []
+        return self._fetch(f"SELECT rowid AS _rowid, * FROM {quote_ident(table)} WHERE {self._odd_keys(table)}"
+                           " ORDER BY rowid")
+
+    def between(self, table: str, lo: Sequence[Any] | None, hi: Sequence[Any]) -> list[Row]:
+        """Return the rows whose key is after ``lo`` (None or (): from the first) and at most ``hi``, in key order."""
+        if table not in self.tables:
+            return []
+        keys = KEYS[table]
+        where, args = self._after(table, lo)
+        if table in INTEGER_KEYED:
+            where += f" AND {quote_ident(keys[0])} <= ?"
+            args = (*args, int(hi[0]))
+        else:
+            cols = ", ".join(quote_ident(k) for k in keys)
+            where += f" AND ({cols}) <= ({', '.join('CAST(? AS TEXT)' for _ in keys)})"
+            args = (*args, *(_bind(v) for v in hi))
+        sql = (f"SELECT rowid AS _rowid, * FROM {quote_ident(table)} WHERE {where}"
+               f" ORDER BY {', '.join(quote_ident(k) for k in keys)}")
+        try:
+            return self._fetch(sql, args, utf8=True)
+        except sqlite3.OperationalError:
+            return self._fetch(sql, args)
+
+    def row(self, table: str, key: Sequence[Any]) -> Row | None:
+        """Return the row with this key (the first by rowid), or None."""
+        keys = KEYS[table]
+        where = " AND ".join(f"{quote_ident(k)} = CAST(? AS TEXT)" if table not in INTEGER_KEYED
+                             else f"{quote_ident(k)} = ?" for k in keys)
+        rows = self._fetch(f"SELECT rowid AS _rowid, * FROM {quote_ident(table)} WHERE {where} ORDER BY rowid LIMIT 1",
+                           [_bind(v) for v in key])
+        return rows[0] if rows else None
+
+    def _fetch_utf8(self, fetch: Any, *args: Any) -> list[tuple[Any, ...]]:
+        """Call ``fetch`` decoding text as UTF-8 in C (sqlite3's own str), several times faster
+        than the lossless factory; raises sqlite3.OperationalError on text that is not UTF-8."""
+        self._conn.text_factory = str
+        try:
+            return fetch(*args)
+        finally:
+            self._conn.text_factory = self._lossless
+
+    def _fetch(self, sql: str, args: Sequence[Any] = (), *, utf8: bool = False) -> list[Row]:
         cur = self._conn.execute(sql, tuple(args))
         cols = [d[0] for d in cur.description]
-        return [dict(zip(cols, r)) for r in cur.fetchall()]
+        return [dict(zip(cols, r)) for r in (self._fetch_utf8(cur.fetchall) if utf8 else cur.fetchall())]
 
     def _scalar(self, sql: str, args: Sequence[Any] = ()) -> Any:
         row = self._conn.execute(sql, tuple(args)).fetchone()

@@ -61,3 +61,14 @@ CREATE TABLE IF NOT EXISTS migrate.repairs (
     repaired_at       timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (source, source_table, key_md5, column_name)
 );
+
+-- Secondary (non-unique) indexes a bulk load dropped, to be built again from
+-- their definition (pg_get_indexdef). Recorded in the transaction that drops
+-- them and deleted in the one that builds them, so a run that is killed in
+-- between leaves them here and the next run of the backfill builds them first.
+CREATE TABLE IF NOT EXISTS migrate.deferred_indexes (
+    index_name  text PRIMARY KEY,       -- schema-qualified, quoted
+    table_name  text NOT NULL,          -- the table it indexes (schema-qualified)
+    definition  text NOT NULL,
+    deferred_at timestamptz NOT NULL DEFAULT now()
+);

@@ -20,18 +20,12 @@ CREATE TABLE IF NOT EXISTS core.schema_version (
     description text NOT NULL
 );
 
--- Lower-case ASCII words ([A-Za-z0-9_]+, at most 200 characters) of a text,
--- for the full-text prefilter. ASCII only, and no locale: every ASCII word
--- that Python's \w+ finds is among them, whatever the database's ctype; the
--- backend checks the exact word match itself. U+212A (Kelvin sign) is the one
--- non-ASCII word character whose lower case is ASCII ('k').
-CREATE OR REPLACE FUNCTION core.search_tokens(doc text) RETURNS text[]
-LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $fn$
-    SELECT coalesce(array_agg(DISTINCT w), '{}'::text[])
-      FROM (SELECT translate(m[1], 'ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz') AS w
-              FROM regexp_matches(replace(doc, U&'\212A', 'k'), '[A-Za-z0-9_]+', 'g') AS m) AS t
-     WHERE length(w) <= 200
-$fn$;
+-- Full-text search: audit.events and core.discoveries carry `words`, the
+-- distinct lower-case \w+ words of the searched text as computed in Python by
+-- govdb.backends.base.indexed_words (a word over 200 UTF-8 bytes as '#' +
+-- its SHA-1), written by whoever writes the row. A search is `words @> the
+-- query's words`, exact, on a GIN index. COLLATE "C": the words are only
+-- compared for equality, and C makes building the index a third faster.
 
 -- Identities -------------------------------------------------------------
 
@@ -115,6 +109,7 @@ CREATE TABLE IF NOT EXISTS core.discoveries (
     related_files jsonb NOT NULL DEFAULT '[]',
     confidence    double precision,
     embedding     bytea,
+    words         text[] COLLATE "C" NOT NULL DEFAULT '{}',  -- indexed_words(summary || ' ' || details)
     CONSTRAINT discoveries_agent_fk FOREIGN KEY (agent_id)
         REFERENCES core.identities (agent_id) DEFERRABLE INITIALLY IMMEDIATE
 );
@@ -122,8 +117,7 @@ CREATE INDEX IF NOT EXISTS discoveries_created_idx ON core.discoveries (created_
 CREATE INDEX IF NOT EXISTS discoveries_agent_idx ON core.discoveries (agent_id, created_at DESC);
 CREATE INDEX IF NOT EXISTS discoveries_type_idx ON core.discoveries (type, created_at DESC);
 CREATE INDEX IF NOT EXISTS discoveries_status_idx ON core.discoveries (status, created_at DESC);
-CREATE INDEX IF NOT EXISTS discoveries_search_idx ON core.discoveries
-    USING gin (core.search_tokens(summary || ' ' || coalesce(details, '')));
+CREATE INDEX IF NOT EXISTS discoveries_words_idx ON core.discoveries USING gin (words);
 
 CREATE TABLE IF NOT EXISTS core.discovery_tags (
     discovery_id text COLLATE "C" NOT NULL,
@@ -241,14 +235,14 @@ CREATE TABLE IF NOT EXISTS audit.events (
     confidence double precision NOT NULL DEFAULT 1.0,
     details    jsonb NOT NULL DEFAULT '{}',
     raw_hash   text NOT NULL,
+    words      text[] COLLATE "C" NOT NULL DEFAULT '{}',  -- indexed_words(event_type || ' ' || details as JSON text)
     PRIMARY KEY (event_id, ts)
 ) PARTITION BY RANGE (ts);
 CREATE TABLE IF NOT EXISTS audit.events_default PARTITION OF audit.events DEFAULT;
 CREATE INDEX IF NOT EXISTS events_ts_idx ON audit.events (ts DESC, event_id DESC);
 CREATE INDEX IF NOT EXISTS events_agent_idx ON audit.events (agent_id, ts DESC);
 CREATE INDEX IF NOT EXISTS events_type_idx ON audit.events (event_type, ts DESC);
-CREATE INDEX IF NOT EXISTS events_search_idx ON audit.events
-    USING gin (core.search_tokens(event_type || ' ' || details::text));
+CREATE INDEX IF NOT EXISTS events_words_idx ON audit.events USING gin (words);
 
 -- One row per event across every month: dedup by content hash, and event_id
 -- unique over all time (a partitioned table can only enforce keys that
