@@ -577,6 +577,11 @@ class Cleaner:
             return f"{kind} {value!r} is quarantined"
         return f"{kind} {value!r} does not exist"
 
+    def _reference(self, col: str, value: Any, kind: str, known: Any) -> str | None:
+        """Return why ``value`` in ``col`` is no usable key of an existing ``kind``, or None."""
+        bad = _key(value)
+        return f"{col} {bad}" if bad else self._missing(kind, known, value)
+
     # -- tables -------------------------------------------------------------
 
     def _identity(self, r: Row) -> Outcome:
@@ -726,8 +731,7 @@ class Cleaner:
         if bad:
             return out.quarantine(f"session_id {bad}", "bad-key")
         agent = r.get("agent_id")
-        why = _key(agent)
-        why = f"agent_id {why}" if why else self._missing("agent", self.context.agents, agent)
+        why = self._reference("agent_id", agent, "agent", self.context.agents)
         if why:
             return out.quarantine(why, "orphan")
         created, why = self._required_ts("created_at", r, rep, ("last_active",))
@@ -751,8 +755,7 @@ class Cleaner:
         rep: list[Repair] = []
         out = Outcome("agent_state", r, (r.get("id"),), None, rep)
         agent = r.get("agent_id")
-        why = _key(agent)
-        why = f"agent_id {why}" if why else self._missing("agent", self.context.agents, agent)
+        why = self._reference("agent_id", agent, "agent", self.context.agents)
         if why:
             return out.quarantine(why, "orphan")
         recorded, why = self._required_ts("recorded_at", r, rep)
@@ -900,8 +903,7 @@ class Cleaner:
         if bad:
             return out.quarantine(f"id {bad}", "bad-key")
         agent = r.get("agent_id")
-        why = _key(agent)
-        why = f"agent_id {why}" if why else self._missing("agent", self.context.agents, agent)
+        why = self._reference("agent_id", agent, "agent", self.context.agents)
         if why:
             return out.quarantine(why, "orphan")
         dtype, why = _indexed("type", r.get("type") or "", rep)
@@ -979,8 +981,7 @@ class Cleaner:
         if bad:
             return out.quarantine(f"session_id {bad}", "bad-key")
         paused = r.get("paused_agent_id")
-        why = _key(paused)
-        why = f"paused_agent_id {why}" if why else self._missing("agent", self.context.agents, paused)
+        why = self._reference("paused_agent_id", paused, "agent", self.context.agents)
         if why:
             return out.quarantine(f"paused agent: {why}", "orphan")
         reviewer = self._optional_ref("reviewer_agent_id", r.get("reviewer_agent_id"), "agent",
@@ -1022,8 +1023,7 @@ class Cleaner:
     def _optional_ref(self, col: str, v: Any, kind: str, known: Any, rep: list[Repair]) -> str | None:
         if v is None:
             return None
-        why = _key(v)
-        why = f"{col} {why}" if why else self._missing(kind, known, v)
+        why = self._reference(col, v, kind, known)
         if why:
             rep.append(Repair(col, "orphan-reference", f"{why}; stored NULL", v))
             return None
@@ -1033,12 +1033,8 @@ class Cleaner:
         rep: list[Repair] = []
         out = Outcome("dialectic_messages", r, (r.get("id"),), None, rep)
         sid, agent = r.get("session_id"), r.get("agent_id")
-        why = _key(sid)
-        why = f"session_id {why}" if why else self._missing("dialectic session", self.context.dialectic_sessions,
-                                                            sid)
-        if not why:
-            why = _key(agent)
-            why = f"agent_id {why}" if why else self._missing("agent", self.context.agents, agent)
+        why = (self._reference("session_id", sid, "dialectic session", self.context.dialectic_sessions)
+               or self._reference("agent_id", agent, "agent", self.context.agents))
         if why:
             return out.quarantine(why, "orphan")
         mtype = r.get("message_type")
