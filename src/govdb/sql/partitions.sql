@@ -21,6 +21,16 @@ LANGUAGE sql STABLE STRICT AS $fn$
 $fn$;
 
 -- The partition key column of a table partitioned by range on one column.
+-- The qualified name of a partitioned table's DEFAULT partition, or NULL.
+CREATE OR REPLACE FUNCTION audit._default_partition(p_parent regclass) RETURNS text
+LANGUAGE sql STABLE STRICT AS $fn$
+    SELECT format('%I.%I', n.nspname, c.relname)
+      FROM pg_partitioned_table p
+      JOIN pg_class c ON c.oid = p.partdefid
+      JOIN pg_namespace n ON n.oid = c.relnamespace
+     WHERE p.partrelid = p_parent
+$fn$;
+
 CREATE OR REPLACE FUNCTION audit._partition_key(p_parent regclass) RETURNS name
 LANGUAGE plpgsql STABLE STRICT AS $fn$
 DECLARE
@@ -67,11 +77,7 @@ BEGIN
         RETURN false;
     END IF;
 
-    SELECT format('%I.%I', n.nspname, c.relname) INTO v_default
-      FROM pg_partitioned_table p
-      JOIN pg_class c ON c.oid = p.partdefid
-      JOIN pg_namespace n ON n.oid = c.relnamespace
-     WHERE p.partrelid = p_parent;
+    v_default := audit._default_partition(p_parent);
     IF v_default IS NOT NULL THEN
         EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s WHERE %I >= $1 AND %I < $2)', v_default, v_key, v_key)
            INTO v_waiting USING v_lo_ts, v_hi_ts;
@@ -136,11 +142,7 @@ DECLARE
     v_after   bigint;
     v_month   date;
 BEGIN
-    SELECT format('%I.%I', n.nspname, c.relname) INTO v_default
-      FROM pg_partitioned_table p
-      JOIN pg_class c ON c.oid = p.partdefid
-      JOIN pg_namespace n ON n.oid = c.relnamespace
-     WHERE p.partrelid = p_parent;
+    v_default := audit._default_partition(p_parent);
     IF v_default IS NULL THEN
         RETURN 0;
     END IF;
@@ -195,11 +197,7 @@ BEGIN
         v_dropped := v_dropped + 1;
     END LOOP;
 
-    SELECT format('%I.%I', n.nspname, c.relname) INTO v_default
-      FROM pg_partitioned_table p
-      JOIN pg_class c ON c.oid = p.partdefid
-      JOIN pg_namespace n ON n.oid = c.relnamespace
-     WHERE p.partrelid = p_parent;
+    v_default := audit._default_partition(p_parent);
     IF v_default IS NOT NULL THEN
         EXECUTE format('DELETE FROM %s WHERE %I < $1', v_default, v_key) USING v_keep_ts;
     END IF;
