@@ -480,19 +480,17 @@ async def test_live_writers_are_never_blocked(legacy_db, pg_url):
 
 # -- the script: kill -9 and resume; bad input --------------------------------------------
 
-async def test_kill_and_resume_loses_nothing_and_duplicates_nothing(tmp_path, pg_url):
-    path = _generate(tmp_path / "big.db", 0.02)
-    args = ["--sqlite", str(path), "--postgres", pg_url, "--batch-size", "100"]
+async def kill_mid_audit_events(pg_url: str, args: list[str], *, rows_read: int) -> subprocess.Popen:
+    """Run the script; SIGKILL it once its audit_events checkpoint has read ``rows_read`` rows, unfinished."""
     proc = subprocess.Popen([sys.executable, str(SCRIPT), "--no-progress", *args], cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-            rows = await fetch(pg_url, "SELECT rows_read FROM migrate.checkpoints WHERE source_table = 'audit_events'"
-                                       " AND NOT done") if await fetchval(
-                pg_url, "SELECT to_regclass('migrate.checkpoints') IS NOT NULL") else []
-            if rows and rows[0][0] >= 3_000:
+            if await fetchval(pg_url, "SELECT to_regclass('migrate.checkpoints') IS NOT NULL") and await fetchval(
+                    pg_url, "SELECT count(*) FROM migrate.checkpoints WHERE source_table = 'audit_events'"
+                            " AND rows_read >= $1 AND NOT done", rows_read):
                 break
             assert proc.poll() is None, proc.stderr.read().decode()
         os.kill(proc.pid, signal.SIGKILL)  # mid-table
@@ -500,6 +498,13 @@ async def test_kill_and_resume_loses_nothing_and_duplicates_nothing(tmp_path, pg
     finally:
         if proc.poll() is None:
             proc.kill()
+    return proc
+
+
+async def test_kill_and_resume_loses_nothing_and_duplicates_nothing(tmp_path, pg_url):
+    path = _generate(tmp_path / "big.db", 0.02)
+    args = ["--sqlite", str(path), "--postgres", pg_url, "--batch-size", "100"]
+    proc = await kill_mid_audit_events(pg_url, args, rows_read=3_000)
     assert proc.returncode == -signal.SIGKILL
     read = await fetchval(pg_url, "SELECT rows_read FROM migrate.checkpoints WHERE source_table = 'audit_events'")
     assert 0 < read < source_count(path, "audit_events")
@@ -600,22 +605,7 @@ async def test_a_run_killed_while_indexes_are_deferred_builds_them_again(tmp_pat
     original = await index_definitions(pg_url)
     path = _generate(tmp_path / "big.db", 0.02)
     args = ["--sqlite", str(path), "--postgres", pg_url, "--batch-size", "100"]
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--no-progress", *args], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-            if await fetchval(pg_url, "SELECT to_regclass('migrate.checkpoints') IS NOT NULL") and await fetchval(
-                    pg_url, "SELECT count(*) FROM migrate.checkpoints WHERE source_table = 'audit_events'"
-                            " AND rows_read >= 2000 AND NOT done"):
-                break
-            assert proc.poll() is None, proc.stderr.read().decode()
-        os.kill(proc.pid, signal.SIGKILL)  # mid-table, its indexes dropped
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    await kill_mid_audit_events(pg_url, args, rows_read=2_000)  # its indexes dropped
     deferred = {r[0]: r[1] for r in await fetch(pg_url, "SELECT index_name, definition FROM migrate.deferred_indexes")}
     assert {"audit.events_ts_idx", "audit.events_words_idx", "audit.event_hashes_ts_idx"} <= set(deferred)
     assert deferred == {n: original[n] for n in deferred}
