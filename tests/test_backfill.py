@@ -27,9 +27,9 @@ from govdb.backends.postgres import PostgresDatabase
 from govdb.backends.sqlite import SQLiteDatabase
 from govdb.config import SecretUrl
 from govdb.migrate import MigrationError
-from govdb.migrate.backfill import (
-    _copy_column, _copy_field, _copy_lines, _copy_text, backfill, defer_indexes, restore_indexes,
-)
+from govdb.migrate.backfill import backfill
+from govdb.migrate.copytext import copy_column, copy_field, copy_lines, copy_text
+from govdb.migrate.indexes import defer_indexes, restore_indexes
 from govdb.migrate.clean import TARGETS
 
 UTC = timezone.utc
@@ -531,7 +531,7 @@ async def test_kill_and_resume_loses_nothing_and_duplicates_nothing(tmp_path, pg
     assert [r[0] for r in await fetch(pg_url, "SELECT id FROM audit.events ORDER BY id")] == good
 
 
-async def test_copy_text_round_trips_odd_values(pg_url):
+async def testcopy_text_round_trips_odd_values(pg_url):
     """Batches travel as COPY text: every kind of value, NULLs among them, escapes, arrays."""
     rows = [
         (1, "plain", datetime(2025, 1, 1, tzinfo=UTC), 1.5, True, ["a", "b"], b"\x00\xff", None),
@@ -546,9 +546,9 @@ async def test_copy_text_round_trips_odd_values(pg_url):
     try:
         await conn.execute("CREATE TEMP TABLE t (i bigint, s text, ts timestamptz, f float8, b bool, a text[],"
                            " y bytea, n text)")
-        for encode in (_copy_column, lambda col: [_copy_field(v) for v in col]):  # whole columns, one value
+        for encode in (copy_column, lambda col: [copy_field(v) for v in col]):  # whole columns, one value
             await conn.execute("TRUNCATE t")
-            await _copy_text(conn, "t", cols, _copy_lines(*[encode(col) for col in zip(*rows)]))
+            await copy_text(conn, "t", cols, copy_lines(*[encode(col) for col in zip(*rows)]))
             got = [tuple(r) for r in await conn.fetch("SELECT * FROM t ORDER BY i NULLS LAST")]
             assert got == [tuple(list(v) if isinstance(v, list) else v for v in r) for r in rows]
             assert str(got[1][3]) == "-0.0"

@@ -207,7 +207,8 @@ def migrate_backfill(settings: Settings, sqlite_path: Path | None, postgres_url:
                      restart: bool = False, source_timezone: str = "UTC", batch_size: int | None = None,
                      progress: bool = True) -> int:
     """Copy the legacy SQLite file into PostgreSQL: resumable, repaired or quarantined, nothing lost."""
-    from .migrate.backfill import DEFAULT_BATCH_SIZE, backfill, summarize
+    from .migrate.backfill import DEFAULT_BATCH_SIZE, backfill
+    from .migrate.report import summarize
     report = _run(backfill(
         _postgres_settings(settings, postgres_url), sqlite_path or settings.sqlite_path, tables=tables,
         dry_run=dry_run, resume=resume, restart=restart, source_tz=source_timezone,

@@ -26,33 +26,28 @@ ids are kept, and the identity sequences are moved past them at the end.
 from __future__ import annotations
 
 import asyncio
-import gc
-import heapq
-import itertools
 import logging
-import math
 import os
-import pickle
-import re
-import signal
-import struct
-import sys
 import time
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import date, datetime, timezone, tzinfo
 from importlib import resources
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import asyncpg
 
 from ..config import SecretUrl, Settings, parse_postgres_url
-from ..errors import ConfigError, GovdbError, StoreUnavailableError
-from . import MigrationError, SourceError
-from .clean import TARGETS, Cleaner, Context, Outcome, build_context, prescan_duplicates, raw_text
+from ..errors import ConfigError, StoreUnavailableError
+from . import MigrationError
+from .clean import TARGETS, Cleaner, Context, Outcome, build_context, raw_text
+from .copytext import copy_text
+from .indexes import DEFERRABLE, MIN_DEFER_ROWS, defer_indexes, holds_few, restore_indexes, run_all
+from .report import BackfillReport, Progress, TableReport, count_outcome, first_line, from_checkpoint
+from .workers import PARTITIONED, Batch, Workers, pack
 from .source import LegacySource, decode_key, encode_key, quote_ident, quote_qualified
 
 UTC = timezone.utc
@@ -91,7 +86,6 @@ _SAME_ROW = {
     "dialectic_messages": ("session_id", "agent_id", "ts"),
     "tool_usage": ("ts", "tool_name"),
 }
-_PARTITIONED = {"audit_events": "audit.events", "tool_usage": "audit.tool_usage"}
 _KINDS = {"agent_metadata": "agent", "discoveries": "discovery", "dialectic_sessions": "dialectic session"}
 #: Month partitions are made for months in this window; rows far in the past
 #: or future stay in the DEFAULT partition (audit.partition_maintenance moves them).
@@ -101,113 +95,9 @@ _LOCK_KEY = 0x676F7664625F6D67  # "govdb_mg": one backfill per database at a tim
 _ROW_ERROR_CLASSES = ("22", "23", "54")  # data exception, integrity, program limit
 #: Loaded on streams of their own, at the same time as the rest: they point at no other table.
 _OWN_STREAM = ("audit_events", "tool_usage")
-#: Big append-only tables whose non-unique indexes are dropped while a first load fills them
-#: (unique ones stay: dedup and dual-writes need them), and the tables that holds them.
-DEFERRABLE: dict[str, tuple[str, ...]] = {
-    "audit_events": ("audit.events", "audit.event_hashes"),
-    "tool_usage": ("audit.tool_usage",),
-    "agent_state": ("core.agent_state",),
-}
-#: Fewest rows to load for which dropping and rebuilding indexes pays.
-MIN_DEFER_ROWS = 10_000
-#: maintenance_work_mem of an index build after a load.
-INDEX_BUILD_MEMORY = "512MB"
 #: Failed direct COPYs (rows PostgreSQL holds already) after which a table is only merged.
 _MAX_DIRECT_FAILURES = 3
-_INDEX_DEF = re.compile(r'^CREATE INDEX ((?:"(?:[^"]|"")+"|[^ ]+)) ON (?:ONLY )?')
 
-
-@dataclass
-class TableReport:
-    """What happened to one legacy table."""
-
-    table: str
-    target: str
-    source_rows: int = 0
-    migrated: int = 0
-    quarantined: int = 0
-    repaired: int = 0
-    inserted: int = 0
-    updated: int = 0
-    seconds: float = 0.0
-    status: str = "done"
-    problems: Counter[str] = field(default_factory=Counter)
-    notes: Counter[str] = field(default_factory=Counter)
-
-    @property
-    def kept(self) -> int:
-        """Migrated rows PostgreSQL already had (same, or newer there)."""
-        return self.migrated - self.inserted - self.updated
-
-    @property
-    def reconciled(self) -> bool:
-        return self.source_rows == self.migrated + self.quarantined
-
-    @property
-    def rows_per_second(self) -> float:
-        return self.source_rows / self.seconds if self.seconds > 0 else 0.0
-
-
-@dataclass
-class BackfillReport:
-    source: str
-    fingerprint: str
-    target: str
-    dry_run: bool
-    journal_mode: str
-    source_timezone: str
-    tables: list[TableReport] = field(default_factory=list)
-    seconds: float = 0.0
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def reconciled(self) -> bool:
-        """True when every table has source = migrated + quarantined."""
-        return all(t.reconciled for t in self.tables)
-
-    @property
-    def source_rows(self) -> int:
-        return sum(t.source_rows for t in self.tables)
-
-    def table(self, name: str) -> TableReport:
-        return next(t for t in self.tables if t.table == name)
-
-    def render(self) -> Any:
-        """Return the summary as a rich Table."""
-        from rich.table import Table
-        title = "backfill dry run (nothing written)" if self.dry_run else "backfill"
-        table = Table(title=f"{title}: {self.source} -> {self.target}", caption=self._caption())
-        cols = ["table", "source", "migrated" if not self.dry_run else "would migrate",
-                "quarantined" if not self.dry_run else "would quarantine",
-                "repaired" if not self.dry_run else "would repair"]
-        cols += ([] if self.dry_run else ["inserted", "updated", "kept"]) + ["rows/s", "reconciled"]
-        for c in cols:
-            table.add_column(c, justify="left" if c == "table" else "right")
-        for t in self.tables:
-            row = [f"{t.table}" + ("" if t.status == "done" else f" ({t.status})"), f"{t.source_rows:,}",
-                   f"{t.migrated:,}", f"{t.quarantined:,}", f"{t.repaired:,}"]
-            if not self.dry_run:
-                row += [f"{t.inserted:,}", f"{t.updated:,}", f"{t.kept:,}"]
-            row += [f"{t.rows_per_second:,.0f}" if t.seconds else "-",
-                    "[green]yes[/green]" if t.reconciled else "[red]NO[/red]"]
-            table.add_row(*row)
-        return table
-
-    def render_problems(self) -> Any:
-        """Return the problems found (repairs and quarantine reasons by kind) as a rich Table."""
-        from rich.table import Table
-        table = Table("table", "problem", "rows", title="problems found")
-        for t in self.tables:
-            for problem, n in sorted(t.problems.items()):
-                table.add_row(t.table, problem, f"{n:,}")
-            for note, n in sorted(t.notes.items()):
-                table.add_row(t.table, f"note: {note}", f"{n:,}")
-        return table
-
-    def _caption(self) -> str:
-        rate = self.source_rows / self.seconds if self.seconds else 0
-        return (f"{self.source_rows:,} rows in {self.seconds:.1f} s ({rate:,.0f} rows/s);"
-                f" naive timestamps read in {self.source_timezone}; source journal_mode={self.journal_mode}")
 
 
 # -- entry point -------------------------------------------------------------------
@@ -245,6 +135,21 @@ async def backfill(
         return await run.backfill(resume=resume, restart=restart)
     finally:
         source.close()
+
+
+async def move_sequence(conn: asyncpg.Connection, table: str, top: int) -> None:
+    """Move the id sequence of legacy ``table``'s target past ``top``, the highest id the
+    source ever gave (quarantined rows too, and AUTOINCREMENT's high-water mark: see
+    LegacySource.max_id), so no new id repeats a legacy one; then the identity sequences."""
+    if top > 0:
+        await conn.execute(
+            "SELECT setval(s, $1, true) FROM (SELECT pg_get_serial_sequence($2, 'id')::regclass AS s) AS x"
+            " WHERE $1 > coalesce(pg_sequence_last_value(s), 0)", top, TARGETS[table].table)
+    await conn.execute("SELECT core.sync_identity_sequences()")
+
+
+#: Legacy tables whose ids PostgreSQL goes on giving (after a backfill, or a cutover).
+SEQUENCED = ("agent_state", "dialectic_messages")
 
 
 def select_tables(tables: Sequence[str] | str | None) -> list[str]:
@@ -317,8 +222,8 @@ class _Run:
         self.conn: asyncpg.Connection | None = None
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="govdb-backfill-source")
         self.months: set[tuple[str, date]] = set()
-        self.workers = _Workers(workers)
-        self.progress = _Progress(progress)
+        self.workers = Workers(workers)
+        self.progress = Progress(progress)
         self.report = BackfillReport(
             source=str(source.path), fingerprint=self.fingerprint, target=self.url.masked, dry_run=False,
             journal_mode=source.journal_mode, source_timezone=str(tz))
@@ -367,7 +272,7 @@ class _Run:
                                for rows in self.source.batches(table, None, self.batch_size))
                 for outs in batches:
                     for o in outs:
-                        _count(rep, o)
+                        count_outcome(rep, o)
                     self.progress.advance(task, len(outs), rep.source_rows, time.perf_counter() - t0)
             rep.notes = self.cleaner.notes - notes_before
             rep.seconds = time.perf_counter() - t0
@@ -406,7 +311,7 @@ class _Run:
             await self.workers.start()
             streams = [_Stream(self, tables, i) for i, tables in enumerate(_streams(self.tables))]
             with self.progress:
-                await _all([s.load(plan) for s in streams])
+                await run_all([s.load(plan) for s in streams])
             await conn.execute("SELECT core.sync_identity_sequences()")
             if set(self.tables) & {"agent_metadata", "discoveries", "discovery_tags", "discovery_edges",
                                    "dialectic_sessions", "dialectic_messages"}:
@@ -438,7 +343,7 @@ class _Run:
                 from exc
         except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise StoreUnavailableError(
-                f"cannot connect to PostgreSQL at {self.url.masked} ({type(exc).__name__}: {_first_line(exc)})") from exc
+                f"cannot connect to PostgreSQL at {self.url.masked} ({type(exc).__name__}: {first_line(exc)})") from exc
 
     async def _prepare_schema(self) -> None:
         from ..backends.postgres import PostgresDatabase
@@ -534,11 +439,11 @@ class _Stream:
         self.run.report.tables.append(rep)
         t = _Table(table, rep)
         if checkpoint is not None and checkpoint["done"]:
-            _from_checkpoint(rep, checkpoint)
+            from_checkpoint(rep, checkpoint)
             rep.status = "done earlier"
             return
         if checkpoint is not None:
-            _from_checkpoint(rep, checkpoint)
+            from_checkpoint(rep, checkpoint)
             t.after = None if checkpoint["last_key"] is None else decode_key(checkpoint["last_key"])
         else:
             await conn.execute(
@@ -564,12 +469,12 @@ class _Stream:
             jobs, todo = await self._jobs(t)
             batches = []
         deferred: list[str] = []
-        if table in DEFERRABLE and todo >= MIN_DEFER_ROWS and await _holds_few(conn, target.table, todo):
+        if table in DEFERRABLE and todo >= MIN_DEFER_ROWS and await holds_few(conn, target.table, todo):
             deferred = await defer_indexes(conn, DEFERRABLE[table])
         task = self.run.progress.add(table, rep.source_rows + todo, done=rep.source_rows)
         done_here = 0
 
-        async def write(b: _Batch) -> None:
+        async def write(b: Batch) -> None:
             nonlocal done_here
             await self._write_batch(t, b)
             rep.seconds = elapsed_before + time.perf_counter() - started
@@ -600,7 +505,7 @@ class _Stream:
             "UPDATE migrate.checkpoints SET done = true, updated_at = now() WHERE source = $1 AND source_table = $2",
             self.fingerprint, table)
         await conn.execute(f"DROP TABLE IF EXISTS pg_temp.{t.stage}")
-        if table in ("agent_state", "dialectic_messages"):
+        if table in SEQUENCED:
             await self._move_sequence(table)
         rep.seconds = elapsed_before + time.perf_counter() - started
 
@@ -631,10 +536,10 @@ class _Stream:
             lo = hi
         return jobs, todo
 
-    async def _snapshot_batches(self, t: _Table) -> list[_Batch]:
+    async def _snapshot_batches(self, t: _Table) -> list[Batch]:
         """Read and clean the table here, in one snapshot of the source (identities as a
         whole: parents and lineage cycles need every row)."""
-        def clean() -> list[_Batch]:
+        def clean() -> list[Batch]:
             source, cleaner, table = self.source, self.cleaner, t.name
             assert source is not None
             chunks: list[tuple[list[Outcome], tuple[Any, ...]]] = []
@@ -653,23 +558,17 @@ class _Stream:
                         chunks.append((chunk, () if any(k is None or not isinstance(k, (str, int)) for k in last)
                                        else last))
             notes, cleaner.notes = cleaner.notes, Counter()
-            out = [_pack(table, chunk, last, t.had_quarantine or t.had_repairs) for chunk, last in chunks]
+            out = [pack(table, chunk, last, t.had_quarantine or t.had_repairs) for chunk, last in chunks]
             if out:
                 out[0].notes = notes
             return out
         return await asyncio.get_running_loop().run_in_executor(self.pool, clean)
 
     async def _move_sequence(self, table: str) -> None:
-        """Move the id sequence past every id the source ever gave (quarantined rows
-        too, and AUTOINCREMENT's high-water mark), so no new id repeats a legacy one."""
-        conn, source = self.conn, self.source
-        assert conn is not None and source is not None
+        assert self.conn is not None and self.source is not None
+        source = self.source
         top = await asyncio.get_running_loop().run_in_executor(self.pool, source.max_id, table)
-        if top > 0:
-            await conn.execute(
-                "SELECT setval(s, $1, true) FROM (SELECT pg_get_serial_sequence($2, 'id')::regclass AS s) AS x"
-                " WHERE $1 > coalesce(pg_sequence_last_value(s), 0)", top, TARGETS[table].table)
-        await conn.execute("SELECT core.sync_identity_sequences()")
+        await move_sequence(self.conn, table, top)
 
     async def _load_context(self, table: str) -> None:
         """Point the cleaner at the parent keys PostgreSQL holds now (parents load first)."""
@@ -692,7 +591,7 @@ class _Stream:
 
     # -- writing one batch -------------------------------------------------------
 
-    async def _write_batch(self, t: _Table, b: _Batch) -> None:
+    async def _write_batch(self, t: _Table, b: Batch) -> None:
         conn = self.conn
         assert conn is not None
         rep = t.report
@@ -770,7 +669,7 @@ class _Stream:
                 raise
             if len(rows.keys) == 1:
                 return 0, 0, [(rows.keys[0], f"PostgreSQL refused the row (SQLSTATE {exc.sqlstate}:"
-                                             f" {_first_line(exc)})")]
+                                             f" {first_line(exc)})")]
             first, second = rows.halves()
             a = await self._merge_safe(t, first)
             b = await self._merge_safe(t, second)
@@ -784,8 +683,8 @@ class _Stream:
             try:
                 async with conn.transaction():  # a savepoint
                     if table == "audit_events":
-                        await _copy_text(conn, "audit.event_hashes", ("raw_hash", "event_id", "ts"), rows.hashes)
-                    await _copy_text(conn, target.table, target.columns, rows.payload)
+                        await copy_text(conn, "audit.event_hashes", ("raw_hash", "event_id", "ts"), rows.hashes)
+                    await copy_text(conn, target.table, target.columns, rows.payload)
                 return len(rows.keys), 0, []
             except asyncpg.PostgresError as exc:
                 # A row PostgreSQL holds already (or refuses): this batch takes the merge below.
@@ -797,7 +696,7 @@ class _Stream:
         await conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS {t.stage} AS SELECT"
                            f" {', '.join(quote_ident(c) for c in target.columns)}"
                            f" FROM {quote_qualified(target.table)} WITH NO DATA")
-        await _copy_text(conn, t.stage.strip('"'), target.columns, rows.payload)
+        await copy_text(conn, t.stage.strip('"'), target.columns, rows.payload)
         cols = ", ".join(quote_ident(c) for c in target.columns)
         into = quote_qualified(target.table)
         refused: list[tuple[tuple[Any, ...], str]] = []
@@ -853,7 +752,7 @@ class _Stream:
         return inserted, updated, refused
 
     async def _ensure_partitions(self, table: str, months: list[date]) -> None:
-        parent = _PARTITIONED.get(table)
+        parent = PARTITIONED.get(table)
         if parent is None or not months:
             return
         today = datetime.now(UTC).date()
@@ -866,24 +765,6 @@ class _Stream:
         for month in todo:
             await conn.execute("SELECT audit.create_month_partition($1::regclass, $2::date)", parent, month)
             self.run.months.add((parent, month))
-
-
-# -- batches as the worker processes hand them over ----------------------------------
-
-@dataclass
-class _Batch:
-    """One cleaned batch: COPY text of the rows to load, and what to record about the rest."""
-
-    read: int                                   # source rows in the batch
-    last_key: tuple[Any, ...]                   # the checkpoint after it
-    keys: list[tuple[Any, ...]]                 # key of each row to load, in payload order
-    payload: bytes                              # COPY text (one line a row) of the target's columns
-    hashes: bytes                               # audit_events: COPY text of audit.event_hashes
-    key_texts: list[str] | None                 # encode_key of each row to load (to clear earlier records)
-    quarantined: list[tuple[str, str, str, str]]        # key text, kind, reason, raw row
-    repaired: list[tuple[tuple[Any, ...], str, list[tuple[Any, ...]]]]  # key, key text, repairs
-    months: list[date]                          # months of the rows (partitioned tables)
-    notes: Counter[str] = field(default_factory=Counter)
 
 
 @dataclass
@@ -904,397 +785,13 @@ class _Rows:
                          b"".join(x + b"\n" for x in hashes[s]))
         return part(slice(None, mid)), part(slice(mid, None))
 
-
-def _pack(table: str, outs: list[Outcome], last_key: tuple[Any, ...], key_texts: bool) -> _Batch:
-    """Return cleaned rows as a :class:`_Batch` (in a worker process, or here for identities)."""
-    ok = [o for o in outs if o.ok]
-    cols = TARGETS[table].columns
-    fields = [_copy_column(c) for c in zip(*(o.values for o in ok))] if ok else [[] for _ in cols]  # type: ignore[misc]
-    hashes, months = b"", []
-    if table == "audit_events":
-        hashes = _copy_lines(fields[cols.index("raw_hash")], fields[cols.index("event_id")], fields[cols.index("ts")])
-    if table in _PARTITIONED:  # the month of each ts, from its ISO text
-        months = sorted(date(int(m[:4]), int(m[5:7]), 1) for m in {ts[:7] for ts in fields[cols.index("ts")]})
-    return _Batch(
-        read=len(outs), last_key=tuple(last_key), keys=[o.key for o in ok], payload=_copy_lines(*fields),
-        hashes=hashes, key_texts=[o.key_text for o in ok] if key_texts else None,
-        quarantined=[(o.key_text, o.kind or "", o.reason or "", o.raw_text()) for o in outs if not o.ok],
-        repaired=[(o.key, o.key_text, [tuple(r) for r in o.repairs]) for o in ok if o.repairs],
-        months=months)
-
-
-_COPY_SPECIAL = re.compile(r"[\\\t\n\r]")
-_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
-
-
-def _copy_lines(*columns: Sequence[str]) -> bytes:
-    """Return rows given as columns of COPY text fields as COPY's text format."""
-    if not columns or not columns[0]:
-        return b""
-    return ("\n".join(map("\t".join, zip(*columns))) + "\n").encode("utf-8")
-
-
-def _copy_column(values: Sequence[Any]) -> Sequence[str]:
-    """Return one column's values as COPY text fields, a whole column at a time (C loops, not Python)."""
-    kinds = set(map(type, values))
-    if _NONE in kinds and len(kinds) == 2:  # NULLs among values of one type
-        present = [v for v in values if v is not None]
-        done = iter(_copy_column(present))
-        return [next(done) if v is not None else "\\N" for v in values]
-    if kinds == {str}:
-        if _COPY_SPECIAL.search("\x00".join(values)) is None:  # the whole column tested at once
-            return values
-        return [v if _COPY_SPECIAL.search(v) is None else v.translate(_COPY_ESCAPES) for v in values]
-    if kinds == {int}:
-        return list(map(str, values))
-    if kinds == {datetime}:
-        return list(map(datetime.isoformat, values))
-    if kinds == {float} and all(map(math.isfinite, values)):
-        return list(map(repr, values))
-    if kinds == {bool}:
-        return ["t" if v else "f" for v in values]
-    if kinds == {list} and _plain_text_lists(values):
-        # Words, and tags without quotes or backslashes: every element quoted, so 'NULL' stays text.
-        return _copy_column(['{"' + '","'.join(v) + '"}' if v else "{}" for v in values])
-    return [_copy_field(v) for v in values]
-
-
-def _plain_text_lists(values: Sequence[list[Any]]) -> bool:
-    try:
-        return _ARRAY_SPECIAL.search("\x00".join(map("\x00".join, values))) is None
-    except TypeError:  # an element that is not text
-        return False
-
-
-_ARRAY_SPECIAL = re.compile(r'["\\]')
-_NONE = type(None)
-
-
-def _copy_field(v: Any) -> str:
-    """Return one value as a COPY text field."""
-    t = type(v)
-    if t is str:
-        return v if _COPY_SPECIAL.search(v) is None else v.translate(_COPY_ESCAPES)
-    if v is None:
-        return "\\N"
-    if t is int:
-        return str(v)
-    if t is float:
-        return repr(v) if math.isfinite(v) else ("NaN" if v != v else "Infinity" if v > 0 else "-Infinity")
-    if t is bool:
-        return "t" if v else "f"
-    if t is datetime:
-        return v.isoformat()
-    if t is list or t is tuple:
-        return _copy_field("{" + ",".join("NULL" if x is None else '"' + x.replace("\\", "\\\\").replace('"', '\\"')
-                                          + '"' for x in v) + "}")
-    if t is bytes:
-        return "\\\\x" + v.hex()
-    raise TypeError(f"no COPY text form for a {t.__name__}")
-
-
-async def _copy_text(conn: asyncpg.Connection, table: str, columns: Sequence[str], payload: bytes) -> None:
-    """COPY rows given as COPY text into ``table`` (schema-qualified, or a temporary table's name)."""
-    schema, _, name = table.rpartition(".")
-
-    async def chunks() -> AsyncIterator[bytes]:
-        yield payload
-    await conn.copy_to_table(name, schema_name=schema or None, columns=list(columns), source=chunks(), format="text")
-
-
-# -- the worker processes ---------------------------------------------------------
-
-_FRAME = struct.Struct("!Q")
-
-
-class _Workers:
-    """Processes that read and clean batches of the source (the CPU-heavy part of a backfill)
-    so that a run uses every core. They never write to PostgreSQL: the run does, in key order.
-
-    Jobs wait in priority order (a lower number first: the biggest table's stream, whose
-    load and index builds take longest, so that they overlap the rest). Jobs and answers are
-    pickled frames over each worker's stdin and stdout; a worker ends when its stdin closes
-    (so with this process) and, on Linux, when this process dies.
-    """
-
-    def __init__(self, size: int):
-        self.size = max(1, size)
-        self._procs: list[asyncio.subprocess.Process] = []
-        self._idle: list[asyncio.subprocess.Process] = []
-        self._waiting: list[tuple[int, int, dict[str, Any], asyncio.Future[Any]]] = []
-        self._serving: set[asyncio.Task[None]] = set()
-        self._count = itertools.count()
-
-    async def start(self) -> None:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (_PACKAGE_ROOT, env.get("PYTHONPATH", "")) if p)
-        for _ in range(self.size):
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-c", "from govdb.migrate.backfill import _worker_main; _worker_main()",
-                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env)
-            self._procs.append(proc)
-            self._idle.append(proc)
-
-    async def run(self, job: dict[str, Any], priority: int = 0) -> Any:
-        """Run one job on a worker; return its answer or raise its error."""
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._waiting, (priority, next(self._count), job, future))
-        self._dispatch()
-        return await future
-
-    def _dispatch(self) -> None:
-        while self._idle and self._waiting:
-            *_, job, future = heapq.heappop(self._waiting)
-            if future.cancelled():
-                continue
-            task = asyncio.ensure_future(self._serve(self._idle.pop(), job, future))
-            self._serving.add(task)
-            task.add_done_callback(self._serving.discard)
-
-    async def _serve(self, proc: asyncio.subprocess.Process, job: dict[str, Any], future: asyncio.Future[Any]) -> None:
-        assert proc.stdin is not None and proc.stdout is not None
-        try:
-            data = pickle.dumps(job, pickle.HIGHEST_PROTOCOL)
-            proc.stdin.write(_FRAME.pack(len(data)) + data)
-            await proc.stdin.drain()
-            size, = _FRAME.unpack(await proc.stdout.readexactly(_FRAME.size))
-            ok, value = pickle.loads(await proc.stdout.readexactly(size))
-        except asyncio.CancelledError:
-            if proc.returncode is None:
-                proc.kill()  # stopped mid-job: its frames are out of step
-            raise
-        except Exception as exc:  # noqa: BLE001 - handed to the caller; this worker is not used again
-            if proc.returncode is None:
-                proc.kill()
-            if not future.done():
-                future.set_exception(MigrationError(
-                    f"a backfill worker process ended unexpectedly (exit status {proc.returncode});"
-                    " rerun with --resume") if isinstance(exc, (asyncio.IncompleteReadError, ConnectionError))
-                    else exc)
-            return
-        self._idle.append(proc)
-        self._dispatch()
-        if future.done():
-            return  # its caller went away
-        if ok:
-            future.set_result(value)
-        else:
-            kind, message = value
-            future.set_exception(SourceError(message) if kind == "SourceError" else MigrationError(
-                f"a backfill worker failed ({kind}: {message})"))
-
-    async def close(self) -> None:
-        for task in list(self._serving):
-            task.cancel()
-        await asyncio.gather(*self._serving, return_exceptions=True)
-        for proc in self._procs:
-            if proc.stdin is not None and not proc.stdin.is_closing():
-                proc.stdin.close()
-        for proc in self._procs:
-            try:
-                await asyncio.wait_for(proc.wait(), 10)
-            except asyncio.TimeoutError:
-                proc.kill()
-                await proc.wait()
-
-
-_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
-
-
-def _worker_main() -> None:
-    """Serve the jobs of :class:`_Workers` until stdin closes (the entry point of a worker process)."""
-    _end_with_parent()
-    inp, out = sys.stdin.buffer, sys.stdout.buffer
-    sys.stdout = sys.stderr  # a stray print must not corrupt the frames
-    # A batch is tens of thousands of live objects without cycles: the cyclic collector would
-    # scan them over and over (a fifth of the time). Collect between jobs instead.
-    gc.disable()
-    sources: dict[str, LegacySource] = {}
-    jobs = 0
-    while True:
-        jobs += 1
-        if jobs % 16 == 0:
-            gc.collect()
-        head = inp.read(_FRAME.size)
-        if len(head) < _FRAME.size:
-            return
-        job = pickle.loads(inp.read(_FRAME.unpack(head)[0]))
-        try:
-            reply: tuple[bool, Any] = (True, _work(sources, job))
-        except Exception as exc:  # noqa: BLE001 - the parent raises it
-            reply = (False, (type(exc).__name__, _first_line(exc)))
-        data = pickle.dumps(reply, pickle.HIGHEST_PROTOCOL)
-        out.write(_FRAME.pack(len(data)) + data)
-        out.flush()
-
-
-def _work(sources: dict[str, LegacySource], job: dict[str, Any]) -> Any:
-    """Do one job in a worker process: prescan, bounds, or read and clean one range of rows."""
-    source = sources.get(job["path"])
-    if source is None:
-        source = sources[job["path"]] = LegacySource(job["path"])
-    op, table = job["op"], job["table"]
-    if op == "bounds":
-        return source.bounds(table, job["after"], job["size"])
-    cleaner = Cleaner(source_tz=job["tz"], context=job.get("context"))
-    if op == "prescan":
-        with source.snapshot():
-            prescan_duplicates(source, cleaner, (table,))
-        return cleaner.context
-    if op == "odd":
-        rows, last = source.odd_rows(table), ()
-    else:
-        rows, last = source.between(table, job["lo"], job["hi"]), job["hi"]
-    batch = _pack(table, cleaner.clean_many(table, rows), last, job["key_texts"])
-    batch.notes = cleaner.notes
-    return batch
-
-
-def _end_with_parent() -> None:
-    # Ctrl-C reaches the whole process group: the parent stops the run (and so its workers).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        import ctypes
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: end with the parent
-    except (OSError, AttributeError):
-        pass  # not Linux: the closed stdin ends the worker after its job
-
-
-# -- streams, direct COPY, deferred indexes ------------------------------------------
+# -- streams ------------------------------------------
 
 def _streams(tables: list[str]) -> list[list[str]]:
     """Split the tables (in load order) into streams that may load at the same time,
     the one that takes longest (audit events) first."""
     rest = [t for t in tables if t not in _OWN_STREAM]
     return [[t] for t in tables if t in _OWN_STREAM] + ([rest] if rest else [])
-
-
-async def _all(coros: Sequence[Coroutine[Any, Any, Any]]) -> None:
-    """Run the coroutines at the same time; on the first failure cancel the others, then raise it."""
-    tasks = [asyncio.ensure_future(c) for c in coros]
-    try:
-        await asyncio.gather(*tasks)
-    except BaseException:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
-
-
-async def _holds_few(conn: asyncpg.Connection, table: str, todo: int) -> bool:
-    """Return whether ``table`` holds fewer than a tenth as many rows as ``todo`` (a first load)."""
-    if todo <= 0:
-        return False
-    held = await conn.fetchval(f"SELECT count(*) FROM (SELECT 1 FROM {quote_qualified(table)} LIMIT $1) AS x",
-                               todo // 10 + 1)
-    return held * 10 < todo
-
-
-async def defer_indexes(conn: asyncpg.Connection, tables: Sequence[str]) -> list[str]:
-    """Drop the non-unique indexes of ``tables``, recording their definitions in
-    migrate.deferred_indexes in the same transaction; return their names."""
-    async with conn.transaction():
-        rows = await conn.fetch(
-            "SELECT format('%I.%I', n.nspname, c.relname) AS name, format('%I.%I', tn.nspname, tc.relname) AS tab,"
-            "       pg_get_indexdef(i.indexrelid) AS def"
-            "  FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_namespace n ON n.oid = c.relnamespace"
-            "  JOIN pg_class tc ON tc.oid = i.indrelid JOIN pg_namespace tn ON tn.oid = tc.relnamespace"
-            " WHERE i.indrelid IN (SELECT to_regclass(x) FROM unnest($1::text[]) AS x)"
-            "   AND NOT i.indisunique AND NOT i.indisprimary AND NOT i.indisexclusion"
-            "   AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = i.indexrelid)"
-            " ORDER BY 1", list(tables))
-        if not rows:
-            return []
-        await conn.execute(
-            "INSERT INTO migrate.deferred_indexes (index_name, table_name, definition)"
-            " SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) ON CONFLICT (index_name) DO NOTHING",
-            [r["name"] for r in rows], [r["tab"] for r in rows], [r["def"] for r in rows])
-        for r in rows:
-            await conn.execute(f"DROP INDEX {r['name']}")
-    return [r["name"] for r in rows]
-
-
-async def restore_indexes(conn: asyncpg.Connection, connect: Callable[[], Awaitable[asyncpg.Connection]],
-                          tables: Sequence[str] | None = None, *, workers: int = 2) -> dict[str, float]:
-    """Build the indexes recorded in migrate.deferred_indexes (of ``tables``, or all); return seconds per index.
-
-    Each is built (on a partitioned table: on every partition) and its record
-    deleted in one transaction; up to ``workers`` at a time, the extra
-    connections from ``connect``.
-    """
-    rows = await conn.fetch(
-        "SELECT index_name, definition FROM migrate.deferred_indexes"
-        " WHERE $1::text[] IS NULL OR table_name = ANY ($1::text[])"
-        " ORDER BY definition LIKE '% USING gin %' DESC, deferred_at, index_name",  # the slowest first
-        None if tables is None else list(tables))
-    todo = list(rows)
-    took: dict[str, float] = {}
-
-    async def build(c: asyncpg.Connection) -> None:
-        while todo:
-            r = todo.pop(0)
-            started = time.perf_counter()
-            async with c.transaction():
-                await c.execute(f"SET LOCAL maintenance_work_mem = '{INDEX_BUILD_MEMORY}'")
-                await c.execute(_create_index_sql(r["definition"]))
-                await c.execute("DELETE FROM migrate.deferred_indexes WHERE index_name = $1", r["index_name"])
-            took[r["index_name"]] = time.perf_counter() - started
-
-    extra: list[asyncpg.Connection] = []
-    try:
-        for _ in range(min(workers, len(rows)) - 1):
-            extra.append(await connect())
-        await _all([build(c) for c in (conn, *extra)])
-    finally:
-        for c in extra:
-            await c.close()
-    return took
-
-
-def _create_index_sql(definition: str) -> str:
-    """Return pg_get_indexdef's text as an idempotent statement building the index on
-    the table and, for a partitioned table, on all its partitions."""
-    m = _INDEX_DEF.match(definition)
-    if m is None:
-        raise MigrationError(f"cannot build the deferred index {definition[:120]!r}; build it by hand")
-    return f"CREATE INDEX IF NOT EXISTS {m.group(1)} ON {definition[m.end():]}"
-
-
-
-def summarize(report: BackfillReport, console: Any = None) -> int:
-    """Print the summary (and problems found, notes) for people; return the exit status:
-    0 when every table reconciles, 2 when one does not."""
-    import sys
-    from rich.console import Console
-    out = console or (Console() if sys.stdout.isatty() else Console(width=200))
-    out.print(report.render())
-    if report.dry_run or any(t.problems or t.notes for t in report.tables):
-        out.print(report.render_problems())
-    for note in report.notes:
-        out.print(f"note: {note}", markup=False, highlight=False)
-    if report.reconciled:
-        return 0
-    bad = ", ".join(t.table for t in report.tables if not t.reconciled)
-    print(f"error: counts do not reconcile (source != migrated + quarantined) for {bad}", file=sys.stderr)
-    return 2
-
-
-def _count(rep: TableReport, o: Outcome) -> None:
-    rep.source_rows += 1
-    if o.ok:
-        rep.migrated += 1
-        if o.repairs:
-            rep.repaired += 1
-            for r in o.repairs:
-                rep.problems[f"{r.column}: {r.kind}"] += 1
-    else:
-        rep.quarantined += 1
-        rep.problems[f"quarantined: {o.kind}"] += 1
-
-
-def _from_checkpoint(rep: TableReport, c: Any) -> None:
-    rep.source_rows, rep.migrated, rep.quarantined = c["rows_read"], c["rows_migrated"], c["rows_quarantined"]
-    rep.repaired, rep.inserted, rep.updated = c["rows_repaired"], c["rows_inserted"], c["rows_updated"]
 
 
 def _repair_rows(repaired: list[tuple[Any, str, list[tuple[Any, ...]]]]) -> list[list[Any]]:
@@ -1331,49 +828,3 @@ def _captured_warnings(logger_name: str) -> Iterator[list[str]]:
         logger.propagate = propagate
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0][:200] if lines else type(exc).__name__
-
-
-class _Progress:
-    """Rich progress bars on stderr (rows, rows/s, ETA), or nothing."""
-
-    def __init__(self, enabled: bool):
-        self._bar = None
-        if enabled:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
-            )
-            self._bar = Progress(
-                TextColumn("{task.description:<20}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[rate]:>10} rows/s"), TimeElapsedColumn(), TextColumn("ETA"),
-                TimeRemainingColumn(), console=Console(stderr=True))
-
-    def __enter__(self) -> "_Progress":
-        if self._bar is not None:
-            self._bar.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._bar is not None:
-            self._bar.stop()
-
-    def add(self, name: str, total: int, done: int = 0) -> Any:
-        if self._bar is None:
-            return None
-        return self._bar.add_task(name, total=max(total, done), completed=done, rate="-")
-
-    def advance(self, task: Any, n: int, done: int, seconds: float) -> None:
-        """Advance by ``n`` rows; ``done`` rows took ``seconds`` in this run."""
-        if self._bar is None or task is None:
-            return
-        self._bar.update(task, advance=n, rate=f"{done / seconds if seconds > 0 else 0:,.0f}")
-
-
-def describe_error(exc: BaseException) -> str:
-    """Return the one-line message the CLI prints for an expected error."""
-    if isinstance(exc, GovdbError):
-        return str(exc)
-    return f"{type(exc).__name__}: {_first_line(exc)}"
