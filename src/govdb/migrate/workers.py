@@ -164,7 +164,7 @@ _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
 
 def _worker_main() -> None:
-    """Serve the jobs of :class:`_Workers` until stdin closes (the entry point of a worker process)."""
+    """Serve the jobs of :class:`Workers` until stdin closes (the entry point of a worker process)."""
     _end_with_parent()
     inp, out = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # a stray print must not corrupt the frames
