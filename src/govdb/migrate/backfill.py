@@ -26,6 +26,7 @@ ids are kept, and the identity sequences are moved past them at the end.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import time
@@ -97,6 +98,8 @@ _ROW_ERROR_CLASSES = ("22", "23", "54")  # data exception, integrity, program li
 _OWN_STREAM = ("audit_events", "tool_usage")
 #: Failed direct COPYs (rows PostgreSQL holds already) after which a table is only merged.
 _MAX_DIRECT_FAILURES = 3
+#: Times a batch is written again after losing a lock conflict with live writers.
+_LOCK_CONFLICT_RETRIES = 10
 
 
 
@@ -592,10 +595,28 @@ class _Stream:
     # -- writing one batch -------------------------------------------------------
 
     async def _write_batch(self, t: _Table, b: Batch) -> None:
+        """Write one batch, its bookkeeping and its checkpoint in one transaction; a batch that
+        lost a lock conflict with live writers (dual-write: deadlock, serialization failure)
+        is rolled back whole and written again."""
+        await self._ensure_partitions(t.name, b.months)
+        for attempt in itertools.count(1):
+            try:
+                done = await self._write_batch_once(t, b)
+                break
+            except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError):
+                if attempt >= _LOCK_CONFLICT_RETRIES:
+                    raise
+                await asyncio.sleep(0.05 * attempt)
+        rep = t.report  # counted once the batch is committed
+        rep.source_rows, rep.migrated, rep.quarantined, rep.repaired, rep.inserted, rep.updated = done
+        for q in b.quarantined:
+            rep.problems[f"quarantined: {q[1]}"] += 1
+        rep.notes.update(b.notes)
+
+    async def _write_batch_once(self, t: _Table, b: Batch) -> tuple[int, int, int, int, int, int]:
         conn = self.conn
         assert conn is not None
         rep = t.report
-        await self._ensure_partitions(t.name, b.months)
         async with conn.transaction():
             inserted, updated, refused = await self._merge_safe(t, _Rows(b.keys, b.payload, b.hashes))
             quarantined = list(b.quarantined)
@@ -636,24 +657,20 @@ class _Stream:
                     "   kind = EXCLUDED.kind, problem = EXCLUDED.problem, original = EXCLUDED.original,"
                     "   original_encoding = EXCLUDED.original_encoding, repaired_at = now()",
                     self.fingerprint, t.name, *_repair_rows(repaired))
-            rep.source_rows += b.read
-            rep.migrated += migrated
-            rep.quarantined += len(quarantined)
-            rep.repaired += len(repaired)
-            rep.inserted += inserted
-            rep.updated += updated
-            for q in quarantined:
-                rep.problems[f"quarantined: {q[1]}"] += 1
-            for _, _, repairs in repaired:
-                for r in repairs:
-                    rep.problems[f"{r[0]}: {r[1]}"] += 1
-            rep.notes.update(b.notes)
+            done = (rep.source_rows + b.read, rep.migrated + migrated, rep.quarantined + len(quarantined),
+                    rep.repaired + len(repaired), rep.inserted + inserted, rep.updated + updated)
             await conn.execute(
                 "UPDATE migrate.checkpoints SET last_key = $3, rows_read = $4, rows_migrated = $5,"
                 " rows_quarantined = $6, rows_repaired = $7, rows_inserted = $8, rows_updated = $9, updated_at = now()"
                 " WHERE source = $1 AND source_table = $2",
-                self.fingerprint, t.name, encode_key(b.last_key), rep.source_rows, rep.migrated, rep.quarantined,
-                rep.repaired, rep.inserted, rep.updated)
+                self.fingerprint, t.name, encode_key(b.last_key), *done)
+        # Problems of rows refused here are counted with the batch's own.
+        for q in quarantined[len(b.quarantined):]:
+            rep.problems[f"quarantined: {q[1]}"] += 1
+        for _, _, repairs in repaired:
+            for r in repairs:
+                rep.problems[f"{r[0]}: {r[1]}"] += 1
+        return done
 
     async def _merge_safe(self, t: _Table, rows: _Rows) -> tuple[int, int, list[tuple[tuple[Any, ...], str]]]:
         """Merge ``rows``; a row PostgreSQL refuses is isolated by halving and comes back with the reason."""
