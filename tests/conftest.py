@@ -27,11 +27,13 @@ import pytest
 from govdb.config import SecretUrl, Settings
 
 REPO = Path(__file__).resolve().parent.parent
-ALL_CONFIGS = ("sqlite", "postgres", "postgres-noage")
+#: dual: SQLite + PostgreSQL (AGE), reads from PostgreSQL; dual-sqlite-read: reads from SQLite.
+DUAL_CONFIGS = ("dual", "dual-sqlite-read")
+ALL_CONFIGS = ("sqlite", "postgres", "postgres-noage", *DUAL_CONFIGS)
 _BY_BACKEND = {
     "sqlite": ("sqlite",),
     "postgres": ("postgres", "postgres-noage"),
-    "dual": (),
+    "dual": DUAL_CONFIGS,
 }
 
 
@@ -76,7 +78,8 @@ class PgServer:
         name = f"govdb_t_{uuid.uuid4().hex[:12]}"
         conn = await self.admin()
         try:
-            await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{self.templates[config]}"')
+            template = self.templates["postgres" if config in DUAL_CONFIGS else config]
+            await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
         finally:
             await conn.close()
         return name
@@ -87,7 +90,7 @@ class PgServer:
 
 def settings_for(config: str, *, tmp_path: Path | None = None, pg_url: str | None = None) -> Settings:
     """Settings as an operator would set them for one test configuration."""
-    env = {"DB_BACKEND": "sqlite" if config == "sqlite" else "postgres"}
+    env = {"DB_BACKEND": "sqlite" if config == "sqlite" else "dual" if config in DUAL_CONFIGS else "postgres"}
     if tmp_path is not None:
         env["DB_SQLITE_PATH"] = str(tmp_path / "governance.db")
     if pg_url is not None:
@@ -96,6 +99,8 @@ def settings_for(config: str, *, tmp_path: Path | None = None, pg_url: str | Non
         env["DB_POSTGRES_MAX_CONN"] = "20"
     if config == "postgres-noage":
         env["DB_AGE_ENABLED"] = "0"
+    if config == "dual-sqlite-read":
+        env["DB_DUAL_READ_PRIMARY"] = "sqlite"
     env["DB_AGE_GRAPH"] = "governance"
     return Settings.from_env(env)
 
@@ -216,7 +221,8 @@ async def store(config, tmp_path, request) -> AsyncIterator[Store]:
     server: PgServer = request.getfixturevalue("pg_server")
     name = await server.create_database(config)
     try:
-        yield Store(config, settings_for(config, pg_url=with_database(server.url, name)), server, name)
+        yield Store(config, settings_for(config, tmp_path=tmp_path, pg_url=with_database(server.url, name)),
+                    server, name)
     finally:
         await server.drop_database(name)
 
@@ -228,3 +234,34 @@ async def db(store: Store):
         yield database
     finally:
         await database.close()
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def throwaway_postgres(tmp_path_factory):
+    """A PostgreSQL 17 + AGE cluster of this test alone: yields (url, data_dir, port); stopped at the end.
+
+    For tests that stop or kill the server (the shared test server must never
+    be). Needs what `govdb pg start` needs; fails (not skips) with
+    GOVDB_REQUIRE_POSTGRES=1 when it cannot start.
+    """
+    from govdb import localpg
+    data_dir = tmp_path_factory.mktemp("throwaway-pg")
+    port = _free_port()
+    try:
+        server = localpg.start(data_dir, port=port, log=lambda _: None)
+    except Exception as exc:  # noqa: BLE001 - any failure to start means "no server for this test"
+        message = f"cannot start a throwaway PostgreSQL in {data_dir} ({type(exc).__name__}: {exc})"
+        if postgres_required():
+            pytest.fail(message)
+        pytest.skip(message)
+    try:
+        yield server.url, data_dir, port
+    finally:
+        localpg.stop(data_dir)

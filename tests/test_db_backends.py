@@ -511,8 +511,9 @@ async def test_dialectic_errors(db):
 async def test_health(db, config):
     h = await db.health()
     assert h.ok
-    assert h.graph == {"sqlite": "n/a", "postgres": "on", "postgres-noage": "off"}[config]
-    assert db.supports_graph is (config == "postgres")
+    assert h.graph == {"sqlite": "n/a", "postgres": "on", "postgres-noage": "off", "dual": "on",
+                       "dual-sqlite-read": "on"}[config]
+    assert db.supports_graph is (config in ("postgres", "dual", "dual-sqlite-read"))
 
 
 # -- bad input: same typed error everywhere, nothing written ---------------------------

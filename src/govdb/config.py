@@ -86,6 +86,8 @@ class Settings:
     postgres_statement_cache: int = 100
     #: Whether to use Apache AGE when the server has it (DB_AGE_ENABLED).
     age_enabled: bool = True
+    #: Fraction of dual-mode reads also run on the other store and compared (DB_DUAL_SHADOW_RATE).
+    dual_shadow_rate: float = 0.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -113,6 +115,13 @@ class Settings:
         age = get("DB_AGE_ENABLED", "1").lower()
         if age not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
             raise ConfigError("DB_AGE_ENABLED", f"must be 1 or 0; got {age!r}")
+        shadow_raw = get("DB_DUAL_SHADOW_RATE", "0")
+        try:
+            shadow = float(shadow_raw)
+        except ValueError:
+            raise ConfigError("DB_DUAL_SHADOW_RATE", f"must be a number in [0, 1]; got {shadow_raw!r}") from None
+        if not 0.0 <= shadow <= 1.0:  # also refuses nan
+            raise ConfigError("DB_DUAL_SHADOW_RATE", f"must be a number in [0, 1]; got {shadow_raw!r}")
         sqlite_path = get("DB_SQLITE_PATH", "data/governance.db")
         if "\x00" in sqlite_path:
             raise ConfigError("DB_SQLITE_PATH", "contains a NUL byte")
@@ -126,6 +135,7 @@ class Settings:
             dual_read_primary=primary,
             postgres_statement_cache=cache,
             age_enabled=age in ("1", "true", "yes", "on"),
+            dual_shadow_rate=shadow,
         )
 
     def describe(self) -> dict[str, str]:
@@ -139,6 +149,7 @@ class Settings:
             "DB_AGE_GRAPH": self.age_graph,
             "DB_AGE_ENABLED": "1" if self.age_enabled else "0",
             "DB_DUAL_READ_PRIMARY": self.dual_read_primary,
+            "DB_DUAL_SHADOW_RATE": f"{self.dual_shadow_rate:g}",
             "DB_POSTGRES_STATEMENT_CACHE": str(self.postgres_statement_cache),
         }
 

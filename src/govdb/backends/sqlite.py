@@ -9,6 +9,7 @@ sharing the file serialise), and any failure rolls the whole operation back.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import json
 import sqlite3
@@ -52,6 +53,12 @@ _UNAVAILABLE = frozenset({
     sqlite3.SQLITE_FULL, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_PROTOCOL, sqlite3.SQLITE_PERM,
 })
 _UNIQUE = frozenset({sqlite3.SQLITE_CONSTRAINT_UNIQUE, sqlite3.SQLITE_CONSTRAINT_PRIMARYKEY})
+
+#: Called as ``hook(conn, result)`` inside each write transaction of the
+#: current task, after the write and before COMMIT (the dual backend records
+#: its outbox there, so the record commits or rolls back with the write).
+WRITE_HOOK: contextvars.ContextVar[Callable[[sqlite3.Connection, Any], None] | None] = contextvars.ContextVar(
+    "govdb_sqlite_write_hook", default=None)
 
 
 def _ts(col: str) -> str:
@@ -197,13 +204,14 @@ class SQLiteDatabase(Database):
         return await self._transaction("BEGIN", fn, args)
 
     async def _write(self, fn: Callable[..., T], *args: Any) -> T:
-        return await self._transaction("BEGIN IMMEDIATE", fn, args)
+        return await self._transaction("BEGIN IMMEDIATE", fn, args, WRITE_HOOK.get())
 
-    async def _transaction(self, begin: str, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+    async def _transaction(self, begin: str, fn: Callable[..., T], args: tuple[Any, ...],
+                           hook: Callable[[Conn, Any], None] | None = None) -> T:
         pool, conn = self._pool, self._conn
         if pool is None or conn is None:
             raise StoreUnavailableError(f"SQLite store {self.path} is not connected (call connect() first)")
-        return await self._on(pool, _in_transaction, conn, begin, fn, args)
+        return await self._on(pool, _in_transaction, conn, begin, fn, args, hook)
 
     def _map_error(self, exc: sqlite3.Error) -> GovdbError:
         code = getattr(exc, "sqlite_errorcode", None) or 0
@@ -596,10 +604,13 @@ _AUDIT_ORDER = f"{_ts('timestamp')} DESC, event_id DESC, id DESC"
 
 # -- helpers run on the connection's thread --------------------------------
 
-def _in_transaction(conn: Conn, begin: str, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+def _in_transaction(conn: Conn, begin: str, fn: Callable[..., T], args: tuple[Any, ...],
+                    hook: Callable[[Conn, Any], None] | None = None) -> T:
     conn.execute(begin)
     try:
         result = fn(conn, *args)
+        if hook is not None:
+            hook(conn, result)
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:

@@ -49,7 +49,7 @@ from .copytext import copy_text
 from .indexes import DEFERRABLE, MIN_DEFER_ROWS, defer_indexes, holds_few, restore_indexes, run_all
 from .report import BackfillReport, Progress, TableReport, count_outcome, first_line, from_checkpoint
 from .workers import PARTITIONED, Batch, Workers, pack
-from .source import LegacySource, decode_key, encode_key, quote_ident, quote_qualified
+from .source import INTEGER_KEYED, LegacySource, decode_key, encode_key, quote_ident, quote_qualified
 
 UTC = timezone.utc
 DEFAULT_BATCH_SIZE = 10_000
@@ -609,8 +609,6 @@ class _Stream:
                 await asyncio.sleep(0.05 * attempt)
         rep = t.report  # counted once the batch is committed
         rep.source_rows, rep.migrated, rep.quarantined, rep.repaired, rep.inserted, rep.updated = done
-        for q in b.quarantined:
-            rep.problems[f"quarantined: {q[1]}"] += 1
         rep.notes.update(b.notes)
 
     async def _write_batch_once(self, t: _Table, b: Batch) -> tuple[int, int, int, int, int, int]:
@@ -619,7 +617,7 @@ class _Stream:
         rep = t.report
         async with conn.transaction():
             inserted, updated, refused = await self._merge_safe(t, _Rows(b.keys, b.payload, b.hashes))
-            quarantined = list(b.quarantined)
+            quarantined, landed = await self._orphans_landed(t, list(b.quarantined))
             gone: set[tuple[Any, ...]] = set()
             if refused:
                 raws = await asyncio.get_running_loop().run_in_executor(
@@ -628,7 +626,7 @@ class _Stream:
                     kind = "refused" if reason.startswith("PostgreSQL refused") else "duplicate"
                     quarantined.append((encode_key(key), kind, reason, raw))
                     gone.add(key)
-            migrated = len(b.keys) - len(gone)
+            migrated = len(b.keys) - len(gone) + landed
             repaired = [r for r in b.repaired if r[0] not in gone]
             if migrated and b.key_texts is not None:
                 texts = [kt for k, kt in zip(b.keys, b.key_texts) if k not in gone]
@@ -664,13 +662,38 @@ class _Stream:
                 " rows_quarantined = $6, rows_repaired = $7, rows_inserted = $8, rows_updated = $9, updated_at = now()"
                 " WHERE source = $1 AND source_table = $2",
                 self.fingerprint, t.name, encode_key(b.last_key), *done)
-        # Problems of rows refused here are counted with the batch's own.
-        for q in quarantined[len(b.quarantined):]:
+        for q in quarantined:
             rep.problems[f"quarantined: {q[1]}"] += 1
         for _, _, repairs in repaired:
             for r in repairs:
                 rep.problems[f"{r[0]}: {r[1]}"] += 1
         return done
+
+    async def _orphans_landed(self, t: _Table, quarantined: list[tuple[str, str, str, str]]
+                              ) -> tuple[list[tuple[str, str, str, str]], int]:
+        """Return the batch's quarantined rows without the orphans PostgreSQL holds by now, and
+        how many those were. A row whose parent a live dual-write created after this table's
+        parents were read is an orphan to the cleaner, but its dual-write put it (parent first)
+        into PostgreSQL: it is migrated, not quarantined. Orphans are rare: one query each."""
+        conn = self.conn
+        assert conn is not None
+        target = TARGETS[t.name]
+        where = " AND ".join(f"{quote_ident(c)} = ${i}" for i, c in enumerate(target.key, 1))
+        kept: list[tuple[str, str, str, str]] = []
+        landed: list[str] = []
+        for q in quarantined:
+            key = decode_key(q[0]) if q[1] == "orphan" else None
+            kind = int if t.name in INTEGER_KEYED else str
+            if key is not None and len(key) == len(target.key) and all(type(v) is kind for v in key) and await conn.fetchval(
+                    f"SELECT EXISTS (SELECT 1 FROM {quote_qualified(target.table)} WHERE {where})", *key):
+                landed.append(q[0])
+            else:
+                kept.append(q)
+        if landed:  # and a record of it from an earlier run is no longer true
+            await conn.execute(
+                "DELETE FROM migrate.quarantine WHERE source = $1 AND source_table = $2"
+                " AND key_md5 IN (SELECT md5(k) FROM unnest($3::text[]) AS k)", self.fingerprint, t.name, landed)
+        return kept, len(landed)
 
     async def _merge_safe(self, t: _Table, rows: _Rows) -> tuple[int, int, list[tuple[tuple[Any, ...], str]]]:
         """Merge ``rows``; a row PostgreSQL refuses is isolated by halving and comes back with the reason."""
