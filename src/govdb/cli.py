@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from . import commands
+from . import commands, dual_commands
+from . import cutover as cutover_commands
 from .config import Settings
 from .errors import GovdbError
 
@@ -169,6 +170,153 @@ def migrate_export_graph(ctx: click.Context, **kw) -> None:
 @click.pass_context
 def migrate_verify(ctx: click.Context, **kw) -> None:
     sys.exit(commands.migrate_verify(_settings(ctx), **kw))
+
+
+# -- operator's tools (ops/): partitions, backup, restore, status ----------------
+
+from .ops import backup as ops_backup, partitions as ops_partitions, status as ops_status  # noqa: E402
+
+AS_JSON = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+MONTHS_AHEAD = click.option("--months-ahead", type=click.IntRange(0, 120), envvar="DB_PARTITION_MONTHS_AHEAD",
+                            show_envvar=True, default=ops_partitions.MONTHS_AHEAD, show_default=True,
+                            help="Months after the current one to create partitions for.")
+EVENTS_DAYS = click.option("--events-retention-days", type=click.IntRange(1, 36_500),
+                           envvar="DB_EVENTS_RETENTION_DAYS", show_envvar=True,
+                           default=ops_partitions.EVENTS_RETENTION_DAYS, show_default=True,
+                           help="Keep audit events this many days (whole months are dropped).")
+TOOL_DAYS = click.option("--tool-usage-retention-days", type=click.IntRange(1, 36_500),
+                         envvar="DB_TOOL_USAGE_RETENTION_DAYS", show_envvar=True,
+                         default=ops_partitions.TOOL_USAGE_RETENTION_DAYS, show_default=True,
+                         help="Keep tool usage this many days (whole months are dropped).")
+
+
+@cli.group()
+def partitions() -> None:
+    """The monthly partitions of the audit tables: list, maintain, schedule."""
+
+
+@partitions.command("list", help=ops_partitions.list_partitions.__doc__.splitlines()[0])
+@AS_JSON
+@click.pass_context
+def partitions_list(ctx: click.Context, as_json: bool) -> None:
+    sys.exit(ops_partitions.list_partitions(_settings(ctx), as_json=as_json))
+
+
+@partitions.command("maintain", help=ops_partitions.maintain.__doc__.splitlines()[0])
+@MONTHS_AHEAD
+@EVENTS_DAYS
+@TOOL_DAYS
+@click.option("--dry-run", is_flag=True, help="Do it in a transaction and roll it back: show what would change.")
+@AS_JSON
+@click.pass_context
+def partitions_maintain(ctx: click.Context, **kw) -> None:
+    sys.exit(ops_partitions.maintain(_settings(ctx), **kw))
+
+
+@partitions.command("schedule", help=ops_partitions.schedule.__doc__.splitlines()[0])
+@MONTHS_AHEAD
+@EVENTS_DAYS
+@TOOL_DAYS
+@AS_JSON
+@click.pass_context
+def partitions_schedule(ctx: click.Context, **kw) -> None:
+    sys.exit(ops_partitions.schedule(_settings(ctx), **kw))
+
+
+@cli.command("backup", help=ops_backup.backup.__doc__.splitlines()[0])
+@click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=Path("."),
+              show_default=True, help="Directory for governance_backup_YYYYMMDD.dump (UTC date).")
+@click.option("--overwrite", is_flag=True, help="Replace a backup of the same name.")
+@AS_JSON
+@click.pass_context
+def backup(ctx: click.Context, **kw) -> None:
+    sys.exit(ops_backup.backup(_settings(ctx), **kw))
+
+
+@cli.command("restore", help=ops_backup.restore.__doc__.splitlines()[0])
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--clean", is_flag=True,
+              help="Drop the schemas and extensions the backup holds from the target first (their data is lost).")
+@AS_JSON
+@click.pass_context
+def restore(ctx: click.Context, **kw) -> None:
+    sys.exit(ops_backup.restore(_settings(ctx), **kw))
+
+
+@cli.command("status", help=ops_status.status.__doc__.splitlines()[0])
+@AS_JSON
+@click.pass_context
+def status(ctx: click.Context, as_json: bool) -> None:
+    sys.exit(ops_status.status(_settings(ctx), as_json=as_json))
+
+
+@cli.command("cutover", help=cutover_commands.cutover.__doc__.splitlines()[0])
+@SQLITE
+@POSTGRES
+@click.option("--archive-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where the SQLite copy goes (default: archive/ beside the SQLite file).")
+@click.option("--dry-run", is_flag=True, help="Run the checks only; change nothing.")
+@SOURCE_TZ
+@click.pass_context
+def cutover(ctx: click.Context, **kw) -> None:
+    sys.exit(cutover_commands.cutover(_settings(ctx), **kw))
+
+
+@cli.command("rollback", help=cutover_commands.rollback.__doc__.splitlines()[0])
+@click.option("--sqlite", "sqlite_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Where the SQLite file is restored (default: $DB_SQLITE_PATH).")
+@POSTGRES
+@click.option("--archive", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The archive to restore (default: the one the cutover recorded).")
+@click.option("--force", is_flag=True, help="Keep an existing SQLite file aside (renamed, never deleted).")
+@click.option("--no-verify", "verify_after", flag_value=False, default=True, help="Skip the verify at the end.")
+@click.option("--no-progress", is_flag=True, help="No progress bars on stderr.")
+@click.pass_context
+def rollback(ctx: click.Context, no_progress: bool, **kw) -> None:
+    sys.exit(cutover_commands.rollback(_settings(ctx), progress=not no_progress, **kw))
+
+
+@cli.group()
+def dual() -> None:
+    """Dual-write (DB_BACKEND=dual): the retry queue, parked writes, both stores compared."""
+
+
+@dual.command("replay", help=dual_commands.replay.__doc__.splitlines()[0])
+@click.option("--no-progress", is_flag=True, help="No progress display on stderr.")
+@click.pass_context
+def dual_replay(ctx: click.Context, no_progress: bool) -> None:
+    sys.exit(dual_commands.replay(_settings(ctx), progress=not no_progress))
+
+
+@dual.command("status", help=dual_commands.status.__doc__.splitlines()[0])
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable figures.")
+@click.pass_context
+def dual_status(ctx: click.Context, as_json: bool) -> None:
+    sys.exit(dual_commands.status(_settings(ctx), as_json=as_json))
+
+
+@dual.command("compare", help=dual_commands.compare.__doc__.splitlines()[0])
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable report.")
+@click.option("--sample", type=click.IntRange(1, 10_000), default=20, show_default=True,
+              help="Agents, discoveries and dialectic sessions to read one by one.")
+@click.pass_context
+def dual_compare(ctx: click.Context, as_json: bool, sample: int) -> None:
+    sys.exit(dual_commands.compare(_settings(ctx), as_json=as_json, sample=sample))
+
+
+@dual.command("parked", help=dual_commands.parked.__doc__.splitlines()[0])
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable entries.")
+@click.pass_context
+def dual_parked(ctx: click.Context, as_json: bool) -> None:
+    sys.exit(dual_commands.parked(_settings(ctx), as_json=as_json))
+
+
+@dual.command("retry-parked", help=dual_commands.retry_parked.__doc__.splitlines()[0])
+@click.argument("seq", type=int, required=False)
+@click.option("--drop", is_flag=True, help="Delete the parked write(s) instead: PostgreSQL never gets them.")
+@click.pass_context
+def dual_retry_parked(ctx: click.Context, seq: int | None, drop: bool) -> None:
+    sys.exit(dual_commands.retry_parked(_settings(ctx), seq, drop=drop))
 
 
 def main(argv: list[str] | None = None) -> None:

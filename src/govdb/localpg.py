@@ -643,3 +643,24 @@ def url(data_dir: Path) -> str:
         raise LocalPostgresError(f"the local PostgreSQL in {data_dir} is not running "
                                  f"(run govdb pg start --data-dir {data_dir})")
     return info["url"]
+
+
+def client_tool(name: str, major: str = PG_MAJOR) -> tuple[list[str], dict[str, str]] | None:
+    """Return (argv, env) running PostgreSQL client tool ``name`` of version ``major`` from a local route, or None.
+
+    Looks in /usr/lib/postgresql/MAJOR/bin, then in the cached Debian 13 root
+    (root only), where the tool runs as the root's postgres user. Paths on the
+    host are not visible in the root: give files to the tool as its stdin and
+    stdout (open descriptors cross the chroot). The env holds no PG* variable
+    of the host; add PGPASSWORD there, never a password on the command line.
+    """
+    if not re.fullmatch(r"[a-z_]+", name) or not major.isdigit():
+        raise LocalPostgresError(f"not a PostgreSQL client tool: {name!r} {major!r}")
+    system = Path("/usr/lib/postgresql") / major / "bin" / name
+    if system.is_file():
+        return [str(system)], _Runner("system", system.parent, major).env()
+    root = default_cache_dir()
+    if major != PG_MAJOR or os.geteuid() != 0 or not root_is_valid(root):
+        return None
+    runner = _Runner("chroot", Path(f"/usr/lib/postgresql/{PG_MAJOR}/bin"), PG_MAJOR, chroot_postgres_ids(root), root)
+    return runner.tool(name), runner.env()

@@ -208,7 +208,8 @@ class PostgresDatabase(Database):
                 raise SchemaError(f"the database schema is version {stored}, newer than this govdb"
                                   f" (version {SCHEMA_VERSION}); upgrade govdb")
             functions_present = await conn.fetchval(
-                "SELECT to_regprocedure('audit.partition_maintenance(integer, interval, interval)') IS NOT NULL")
+                "SELECT to_regprocedure('audit.partition_maintenance(integer, interval, interval)') IS NOT NULL"
+                " AND to_regprocedure('audit.expired_partitions(regclass, interval)') IS NOT NULL")
             if stored != SCHEMA_VERSION or not functions_present:
                 for script in ("schema.sql", "partitions.sql"):
                     await conn.execute(resources.files("govdb").joinpath("sql", script).read_text("utf-8"))
