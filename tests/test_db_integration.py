@@ -129,6 +129,24 @@ async def test_graph_mirrors_relational_rows(store, db):
     assert {p: await _cypher_count(store, p) for p in expected} == expected
 
 
+@pytest.mark.backends("postgres", "dual")
+async def test_retagging_an_agent_leaves_no_unused_tag_node(store, db):
+    """The graph holds the tags in use (what a build from the tables gives, and what verify expects)."""
+    from govdb.backends.dual import DualDatabase
+    await db.create_identity("p", api_key="k", tags=["old", "kept"])
+    await db.create_identity("q", api_key="k", tags=["shared"])
+    await db.add_discovery("d1", agent_id="p", type="q", summary="one", tags=["shared"])
+    await db.update_identity("p", tags=["kept", "new", "shared"])
+    await db.update_identity("q", tags=[])
+    if isinstance(db, DualDatabase):
+        await db.replay()
+    names = {"old": 0, "kept": 1, "new": 1, "shared": 1}
+    assert {n: await _cypher_count(store, f"(t:Tag {{name: '{n}'}})") for n in names} == names
+    assert await _cypher_count(store, "(:Agent {id: 'p'})-[:HAS_TAG]->()") == 3
+    assert await _cypher_count(store, "(:Agent {id: 'q'})-[:HAS_TAG]->()") == 0
+    assert await _cypher_count(store, "()-[:HAS_TAG]->(:Tag {name: 'shared'})") == 2
+
+
 async def _cypher_count(store, pattern: str) -> int:
     import asyncpg
     conn = await asyncpg.connect(store.settings.postgres_url.reveal())

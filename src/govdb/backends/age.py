@@ -295,9 +295,7 @@ class Graph:
             return
         if label not in ("Agent", "Discovery"):
             raise ValueError(f"label {label!r} carries no tags")
-        await conn.execute(
-            "SELECT pg_advisory_xact_lock(hashtextextended('govdb:tag:' || t, 0))"
-            " FROM (SELECT t FROM unnest($1::text[]) AS t ORDER BY t) AS s", tags)
+        await lock_tags(conn, tags)
         await self.run(conn, "UNWIND $tags AS tag MERGE (:Tag {name: tag})", {"tags": tags})
         await self.run(conn, f"UNWIND $tags AS tag MATCH (n:{label} {{id: $id}}), (t:Tag {{name: tag}}) "
                              "CREATE (n)-[:HAS_TAG]->(t)", {"tags": tags, "id": node_id})
@@ -306,8 +304,14 @@ class Graph:
         await self.run(conn, "MATCH (a:Agent {id: $id}) SET a.status = $status", {"id": agent_id, "status": status})
 
     async def set_agent_tags(self, conn: asyncpg.Connection, agent_id: str, tags: Iterable[str]) -> None:
+        """Make the agent's HAS_TAG edges ``tags``; a Tag node no longer used by any node goes too
+        (the graph holds the tags in use, as a build from the tables does)."""
+        tags = sorted(set(tags))
+        old = await node_tags(conn, self.name, "Agent", agent_id)
+        await lock_tags(conn, [*old, *tags])
         await self.run(conn, "MATCH (:Agent {id: $id})-[e:HAS_TAG]->(:Tag) DELETE e", {"id": agent_id})
         await self.add_tags(conn, "Agent", agent_id, tags)
+        await drop_unused_tags(conn, self.name, set(old) - set(tags))
 
     async def add_discovery(self, conn: asyncpg.Connection, disc: Discovery) -> None:
         await self.run(conn, "CREATE (:Discovery {id: $id, type: $type, status: $status, created_at: $created_at})",
@@ -390,3 +394,29 @@ class Graph:
             if await conn.fetchval(sql) != await conn.fetchval(f'SELECT count(*) FROM ONLY {g}."{label}"'):
                 stale.append(label)
         return stale
+
+
+async def lock_tags(conn: asyncpg.Connection, tags: Sequence[str]) -> None:
+    """Take the transaction's lock on each Tag node name, in one order (no deadlock): whoever
+    adds or removes a Tag node or its edges holds it."""
+    if tags:
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended('govdb:tag:' || t, 0))"
+            " FROM (SELECT DISTINCT t FROM unnest($1::text[]) AS t ORDER BY t) AS s", list(tags))
+
+
+async def node_tags(conn: asyncpg.Connection, graph: str, label: str, node_id: str) -> list[str]:
+    """Return the names of the Tag nodes the ``label`` node ``node_id`` has HAS_TAG edges to."""
+    if label not in ("Agent", "Discovery"):
+        raise ValueError(f"label {label!r} carries no tags")
+    rows = await cypher(conn, graph, f"MATCH (:{label} {{id: $id}})-[:HAS_TAG]->(t:Tag) RETURN t.name", {"id": node_id})
+    return sorted(r[0] for r in rows)
+
+
+async def drop_unused_tags(conn: asyncpg.Connection, graph: str, names: Iterable[str]) -> None:
+    """Delete the Tag nodes among ``names`` that no HAS_TAG edge reaches any more (hold their
+    :func:`lock_tags` locks)."""
+    names = sorted(set(names))
+    if names:
+        await cypher(conn, graph, "UNWIND $tags AS tag MATCH (t:Tag {name: tag}) OPTIONAL MATCH (t)<-[e:HAS_TAG]-()"
+                                  " WITH t, count(e) AS uses WHERE uses = 0 DELETE t", {"tags": names})

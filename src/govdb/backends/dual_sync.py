@@ -34,6 +34,7 @@ from ..errors import GovdbError, StoreUnavailableError
 from ..migrate.clean import TARGETS, Cleaner, Context
 from ..migrate.graph import NODE_PROPS, NODE_SQL, _build_map, _key_expr, _table, _ts
 from ..migrate.source import KEYS, quote_ident, quote_qualified
+from .age import drop_unused_tags, lock_tags, node_tags
 from .outbox import Entry
 
 #: SQLSTATE classes of a write PostgreSQL will never take: data exception,
@@ -336,9 +337,16 @@ class Applier:
         if not statements:
             return
         args = list(key)
+        label = _TAGGED.get(table)
+        old: list[str] = []
+        if label is not None:  # Tag nodes are shared: lock the names before adding or dropping any
+            old = await node_tags(conn, self.graph, label, key[0])
+            await lock_tags(conn, [*old, *(r[0] for r in await conn.fetch(_TAGS_NOW[table], key[0]))])
         for sql in statements:
             used = max(int(n) for n in _params(sql))
             await conn.execute(sql, *args[:used])
+        if old:
+            await drop_unused_tags(conn, self.graph, old)
 
     async def _column_types(self, conn: asyncpg.Connection, table: str, columns: Sequence[str]) -> list[str]:
         types = self._types.get(table)
@@ -348,6 +356,14 @@ class Applier:
             by_name = {r["attname"]: r["t"] for r in rows}
             types = self._types[table] = [by_name[c] for c in columns]
         return types
+
+
+#: Legacy tables whose rows carry tags in the graph, the node's label, and their tags now.
+_TAGGED = {"agent_metadata": "Agent", "discoveries": "Discovery"}
+_TAGS_NOW = {
+    "agent_metadata": "SELECT DISTINCT t FROM core.identities, unnest(tags) AS t WHERE agent_id = $1 AND t IS NOT NULL",
+    "discoveries": "SELECT tag FROM core.discovery_tags WHERE discovery_id = $1",
+}
 
 
 def _params(sql: str) -> list[str]:
