@@ -23,12 +23,12 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from _common import drop_db, fresh_db  # noqa: E402
 from generate_legacy import generate  # noqa: E402
 
 from govdb.migrate.backfill import backfill  # noqa: E402
@@ -36,29 +36,6 @@ from govdb.migrate.graph import graph_counts, load_graph, load_graph_per_stateme
 from govdb.migrate.verify import verify  # noqa: E402
 
 GRAPH = "governance"
-
-
-def with_db(url: str, name: str) -> str:
-    p = urlsplit(url)
-    return urlunsplit((p.scheme, p.netloc, "/" + name, p.query, p.fragment))
-
-
-async def fresh_db(url: str, name: str) -> str:
-    conn = await asyncpg.connect(url)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    return with_db(url, name)
-
-
-async def drop_db(url: str, name: str) -> None:
-    conn = await asyncpg.connect(url)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
 
 
 def timed(fn, *args, **kw):
