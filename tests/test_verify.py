@@ -26,10 +26,12 @@ import pytest
 from conftest import with_database
 from govdb.config import SecretUrl, Settings
 from govdb.migrate.backfill import backfill
-from govdb.migrate.verify import (
-    NULL_SPAN, KeyRanges, MemorySide, NarrowStats, RowForm, canonical_text, compare_rows, in_span, narrow,
-    add_row, finish, merge_scans, new_sums, row_hash, split_shares, split_spans, verify,
+from govdb.migrate.checksums import (
+    NULL_SPAN, KeyRanges, MemorySide, NarrowStats, RowForm, add_row, canonical_text, compare_rows, finish, in_span,
+    narrow, new_sums, row_hash,
 )
+from govdb.migrate.verify import verify
+from govdb.migrate.verify_source import merge_scans, split_shares, split_spans
 
 UTC = timezone.utc
 REPO = Path(__file__).resolve().parent.parent
