@@ -30,7 +30,7 @@ from govdb.migrate import MigrationError
 from govdb.migrate.backfill import backfill
 from govdb.migrate.copytext import copy_column, copy_field, copy_lines, copy_text
 from govdb.migrate.indexes import defer_indexes, restore_indexes
-from govdb.migrate.clean import TARGETS
+from govdb.migrate.targets import TARGETS
 
 UTC = timezone.utc
 REPO = Path(__file__).resolve().parent.parent

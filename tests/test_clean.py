@@ -20,9 +20,8 @@ import pytest
 from govdb import legacy
 from govdb.backends.base import audit_hash
 from govdb.convert import legacy_uuid
-from govdb.migrate.clean import (
-    NO_KEY_HASH, TARGETS, Cleaner, Context, build_context, encode_original, prescan_duplicates, raw_text,
-)
+from govdb.migrate.clean import Cleaner, build_context, prescan_duplicates
+from govdb.migrate.targets import NO_KEY_HASH, TARGETS, Context, encode_original, raw_text
 from govdb.migrate.source import LegacySource, decode_key, encode_key
 
 UTC = timezone.utc

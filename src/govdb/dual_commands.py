@@ -17,7 +17,7 @@ from .backends.postgres import PostgresDatabase
 from .backends.sqlite import SQLiteDatabase
 from .config import Settings
 from .errors import GovdbError, StoreUnavailableError
-from .migrate.clean import TARGETS
+from .migrate.targets import TARGETS
 
 console = Console()
 err_console = Console(stderr=True)

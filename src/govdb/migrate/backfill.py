@@ -44,12 +44,13 @@ import asyncpg
 from ..config import SecretUrl, Settings, parse_postgres_url
 from ..errors import ConfigError, StoreUnavailableError
 from . import MigrationError
-from .clean import TARGETS, Cleaner, Context, Outcome, build_context, raw_text
+from .clean import Cleaner, build_context
 from .copytext import copy_text
 from .indexes import DEFERRABLE, MIN_DEFER_ROWS, defer_indexes, holds_few, restore_indexes, run_all
 from .report import BackfillReport, Progress, TableReport, count_outcome, first_line, from_checkpoint
-from .workers import PARTITIONED, Batch, Workers, pack
 from .source import INTEGER_KEYED, LegacySource, decode_key, encode_key, quote_ident, quote_qualified
+from .targets import TARGETS, Context, Outcome, raw_text
+from .workers import PARTITIONED, Batch, Workers, pack
 
 UTC = timezone.utc
 DEFAULT_BATCH_SIZE = 10_000

@@ -14,8 +14,8 @@ from datetime import datetime, timedelta, timezone
 from hashlib import blake2b
 from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 
-from .clean import TARGETS
 from .source import quote_ident
+from .targets import TARGETS
 
 UTC = timezone.utc
 Key = tuple

@@ -396,7 +396,8 @@ def read_legacy_graph(sqlite_path: Path | str, *, source_tz: tzinfo | str = time
 
 
 def _read_legacy(sqlite_path: Path, tz: tzinfo) -> GraphRows:
-    from .clean import TARGETS, Cleaner, build_context
+    from .clean import Cleaner, build_context
+    from .targets import TARGETS
     from .source import LegacySource
 
     cleaner = Cleaner(source_tz=tz)

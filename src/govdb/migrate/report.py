@@ -7,7 +7,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from .clean import Outcome
+from .targets import Outcome
 
 
 @dataclass

@@ -40,8 +40,8 @@ from .checksums import (
     BATCH, MASK64, Difference, Key, KeyRanges, NarrowStats, RowForm, Span, Sums, accumulate, finish, narrow,
     new_sums, shorten, span_where,
 )
-from .clean import TARGETS
 from .source import LegacySource, quote_ident
+from .targets import TARGETS
 from .verify_source import MAX_WORKERS, SPLIT_MIN_ROWS, SPLIT_TABLES, SourceSide
 
 UTC = timezone.utc

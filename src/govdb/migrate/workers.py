@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from . import MigrationError, SourceError
-from .clean import TARGETS, Cleaner, Outcome, prescan_duplicates
+from .clean import Cleaner, prescan_duplicates
 from .copytext import copy_column, copy_lines
 from .report import first_line
 from .source import LegacySource
+from .targets import TARGETS, Outcome
 
 #: Partitioned targets: their rows' months are reported with each batch.
 PARTITIONED = {"audit_events": "audit.events", "tool_usage": "audit.tool_usage"}
