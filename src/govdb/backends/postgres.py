@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
-import re
 from contextlib import asynccontextmanager
 from datetime import datetime
-from decimal import Decimal
 from importlib import resources
 from typing import Any, AsyncIterable, AsyncIterator, Iterable, Sequence
 
@@ -31,7 +28,8 @@ from ..records import (
     DiscoveryLink, Health, Identity, Neighbor, Session, ToolStats, ToolUsage,
 )
 from . import age
-from .base import Database, indexed_word, indexed_words
+from . import pgrows as pgr
+from .base import Database, indexed_word
 
 log = logging.getLogger(__name__)
 
@@ -61,56 +59,6 @@ _EXISTS = {
     "discovery": "SELECT EXISTS (SELECT 1 FROM core.discoveries WHERE id = $1)",
     "dialectic session": "SELECT EXISTS (SELECT 1 FROM core.dialectic_sessions WHERE session_id = $1)",
 }
-
-_IDENTITY_COLS = ("agent_id, status, created_at, updated_at, parent_agent_id, spawn_reason, disabled_at,"
-                  " tags, notes, metadata, lifecycle_events")
-_SESSION_COLS = ("session_id, agent_id, created_at, last_active, expires_at, is_active, client_type,"
-                 " client_info, metadata")
-_STATE_COLS = "id, agent_id, recorded_at, energy, integrity, entropy, void, coherence, regime, snapshot"
-_EVENT_COLS = "event_id, ts, event_type, agent_id, session_id, confidence, details, raw_hash"
-_USAGE_COLS = "usage_id, ts, tool_name, agent_id, session_id, latency_ms, success, error_type, payload"
-_DISC_COLS = ("d.id, d.agent_id, d.type, d.summary, d.created_at, d.status, d.severity, d.details,"
-              " d.confidence, d.related_files, d.updated_at, d.resolved_at,"
-              " ARRAY(SELECT t.tag FROM core.discovery_tags t WHERE t.discovery_id = d.id ORDER BY t.tag) AS tags")
-# Aliased: neighbour queries select a discovery's created_at too.
-_LINK_COLS = ("e.src_id, e.dst_id, e.edge_type, e.created_at AS link_created_at, e.response_type, e.weight,"
-              " e.created_by, e.metadata AS link_metadata")
-_DIALECTIC_COLS = ("session_id, paused_agent_id, phase, status, created_at, updated_at, reviewer_agent_id, reason,"
-                   " discovery_id, dispute_type, session_type, topic, max_synthesis_rounds, synthesis_round,"
-                   " paused_agent_state, resolution")
-_MESSAGE_COLS = ("id, session_id, agent_id, message_type, ts, root_cause, proposed_conditions, reasoning,"
-                 " observed_metrics, concerns, agrees, signature")
-
-
-def dump_jsonb(value: Any) -> str:
-    """Return JSON text for a jsonb column that reads back as the same floats.
-
-    jsonb stores numbers as numeric and prints 1e+20 as an integer; writing
-    such floats as plain decimals with a fraction (100000000000000000000.0)
-    keeps them floats on the way back.
-    """
-    text = dump_json(value)
-    if not _EXP_FLOAT.search(text):
-        return text
-    return _encode_plain(value)
-
-
-_EXP_FLOAT = re.compile(r"[0-9]e[+-][0-9]")
-
-
-def _encode_plain(value: Any) -> str:
-    if isinstance(value, float):
-        text = repr(value)
-        if "e" not in text:
-            return text
-        plain = format(Decimal(text), "f")
-        return plain if "." in plain else plain + ".0"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{dump_json(str(k))}: {_encode_plain(v)}" for k, v in value.items()) + "}"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_encode_plain(v) for v in value) + "]"
-    return dump_json(value)
-
 
 class PostgresDatabase(Database):
     """The governance store in PostgreSQL, with AGE when the server has it."""
@@ -160,7 +108,7 @@ class PostgresDatabase(Database):
             except Exception as exc:  # noqa: BLE001 - every failure here means "cannot reach it"
                 raise self._map_error(exc, connecting=True) from exc
             try:
-                await _set_json_codecs(conn)
+                await pgr.set_json_codecs(conn)
                 graph_on = await self._prepare_database(conn)
             except GovdbError:
                 raise
@@ -177,7 +125,7 @@ class PostgresDatabase(Database):
                 self._pool = await asyncpg.create_pool(
                     self._url.reveal(), min_size=self._min_conn, max_size=self._max_conn,
                     statement_cache_size=self._statement_cache, server_settings=server_settings,
-                    init=self._init_age_connection if graph_on else _set_json_codecs)
+                    init=self._init_age_connection if graph_on else pgr.set_json_codecs)
             except Exception as exc:  # noqa: BLE001
                 raise self._map_error(exc, connecting=True) from exc
             self.supports_graph = graph_on
@@ -195,7 +143,7 @@ class PostgresDatabase(Database):
     async def _init_age_connection(self, conn: asyncpg.Connection) -> None:
         # Runs for every new pooled connection: LOAD lasts for the session
         # (RESET ALL does not undo it), so each connection is ready for Cypher.
-        await _set_json_codecs(conn)
+        await pgr.set_json_codecs(conn)
         await age.load_age(conn)
 
     async def _prepare_database(self, conn: asyncpg.Connection) -> bool:
@@ -324,26 +272,26 @@ class PostgresDatabase(Database):
                 "INSERT INTO core.identities (agent_id, api_key_hash, status, created_at, updated_at,"
                 " parent_agent_id, spawn_reason, tags, notes, metadata)"
                 " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (agent_id) DO NOTHING"
-                f" RETURNING {_IDENTITY_COLS}",
+                f" RETURNING {pgr.IDENTITY_COLS}",
                 ident.agent_id, api_key_hash, ident.status, ident.created_at, ident.updated_at,
                 ident.parent_agent_id, ident.spawn_reason, list(ident.tags), ident.notes, ident.metadata)
             if row is None:
                 raise ConflictError(f"agent {ident.agent_id!r} already exists")
             if self.supports_graph:
                 await self._graph.add_agent(conn, ident)
-            return _identity(row)
+            return pgr.identity(row)
 
     async def _get_identity(self, agent_id: str) -> Identity | None:
         async with self.acquire() as conn:
-            row = await conn.fetchrow(f"SELECT {_IDENTITY_COLS} FROM core.identities WHERE agent_id = $1", agent_id)
-        return None if row is None else _identity(row)
+            row = await conn.fetchrow(f"SELECT {pgr.IDENTITY_COLS} FROM core.identities WHERE agent_id = $1", agent_id)
+        return None if row is None else pgr.identity(row)
 
     async def _list_identities(self, status: str | None, tag: str | None, limit: int, offset: int) -> list[Identity]:
         where, args = _filters(("status = {}", status), ("tags @> ARRAY[{}::text]", tag))
-        sql = (f"SELECT {_IDENTITY_COLS} FROM core.identities WHERE {where}"
+        sql = (f"SELECT {pgr.IDENTITY_COLS} FROM core.identities WHERE {where}"
                f" ORDER BY created_at, agent_id LIMIT ${len(args) + 1} OFFSET ${len(args) + 2}")
         async with self.acquire() as conn:
-            return [_identity(r) for r in await conn.fetch(sql, *args, limit, offset)]
+            return [pgr.identity(r) for r in await conn.fetch(sql, *args, limit, offset)]
 
     async def _update_identity_status(self, agent_id: str, status: str, reason: str | None,
                                       now: datetime) -> Identity:
@@ -355,26 +303,26 @@ class PostgresDatabase(Database):
                 " lifecycle_events = CASE jsonb_typeof(i.lifecycle_events) WHEN 'array' THEN i.lifecycle_events"
                 "   ELSE '[]'::jsonb END || jsonb_build_array(jsonb_build_object("
                 "   'at', $4::text, 'status', $2::text, 'from', i.status, 'reason', $5::text))"
-                f" WHERE agent_id = $1 RETURNING {_IDENTITY_COLS}",
+                f" WHERE agent_id = $1 RETURNING {pgr.IDENTITY_COLS}",
                 agent_id, status, now, format_timestamp(now), reason)
             if row is None:
                 raise NotFoundError("agent", agent_id)
             if self.supports_graph:
                 await self._graph.set_agent_status(conn, agent_id, status)
-            return _identity(row)
+            return pgr.identity(row)
 
     async def _update_identity(self, agent_id: str, tags: tuple[str, ...] | None, notes: str | None,
                                metadata: dict[str, Any] | None, now: datetime) -> Identity:
         async with self.acquire(transaction=True) as conn:
             row = await conn.fetchrow(
                 "UPDATE core.identities SET tags = coalesce($2, tags), notes = coalesce($3, notes),"
-                f" metadata = coalesce($4, metadata), updated_at = $5 WHERE agent_id = $1 RETURNING {_IDENTITY_COLS}",
+                f" metadata = coalesce($4, metadata), updated_at = $5 WHERE agent_id = $1 RETURNING {pgr.IDENTITY_COLS}",
                 agent_id, None if tags is None else list(tags), notes, metadata, now)
             if row is None:
                 raise NotFoundError("agent", agent_id)
             if self.supports_graph and tags is not None:
                 await self._graph.set_agent_tags(conn, agent_id, tags)
-            return _identity(row)
+            return pgr.identity(row)
 
     async def _get_api_key_hash(self, agent_id: str) -> str | None:
         async with self.acquire() as conn:
@@ -385,13 +333,13 @@ class PostgresDatabase(Database):
             if self.supports_graph:
                 await self._require(conn, "agent", agent_id)
                 ids = [agent_id, *await self._graph.lineage_ids(conn, agent_id, max_depth)]
-                rows = await conn.fetch(f"SELECT {_IDENTITY_COLS} FROM core.identities WHERE agent_id = ANY($1)", ids)
+                rows = await conn.fetch(f"SELECT {pgr.IDENTITY_COLS} FROM core.identities WHERE agent_id = ANY($1)", ids)
                 found = {r["agent_id"]: r for r in rows}
                 out = []
                 for i in ids:  # the relational rows are the record: stop where one is missing
                     if i not in found:
                         break
-                    out.append(_identity(found[i]))
+                    out.append(pgr.identity(found[i]))
                 return out
             rows = await conn.fetch(
                 "WITH RECURSIVE chain (agent_id, parent, depth, path) AS ("
@@ -400,19 +348,19 @@ class PostgresDatabase(Database):
                 "  SELECT i.agent_id, i.parent_agent_id, c.depth + 1, c.path || i.agent_id"
                 "    FROM chain c JOIN core.identities i ON i.agent_id = c.parent"
                 "   WHERE c.depth <= $2 AND NOT i.agent_id = ANY (c.path))"
-                f" SELECT {_IDENTITY_COLS} FROM chain c JOIN core.identities USING (agent_id) ORDER BY c.depth",
+                f" SELECT {pgr.IDENTITY_COLS} FROM chain c JOIN core.identities USING (agent_id) ORDER BY c.depth",
                 agent_id, max_depth)
         if not rows:
             raise NotFoundError("agent", agent_id)
-        return [_identity(r) for r in rows]
+        return [pgr.identity(r) for r in rows]
 
     async def _list_children(self, agent_id: str) -> list[Identity]:
         async with self.acquire() as conn:
-            rows = await conn.fetch(f"SELECT {_IDENTITY_COLS} FROM core.identities WHERE parent_agent_id = $1"
+            rows = await conn.fetch(f"SELECT {pgr.IDENTITY_COLS} FROM core.identities WHERE parent_agent_id = $1"
                                     " ORDER BY created_at, agent_id", agent_id)
             if not rows:
                 await self._require(conn, "agent", agent_id)
-        return [_identity(r) for r in rows]
+        return [pgr.identity(r) for r in rows]
 
     # -- sessions --------------------------------------------------------
 
@@ -422,42 +370,42 @@ class PostgresDatabase(Database):
             row = await conn.fetchrow(
                 "INSERT INTO core.sessions (session_id, agent_id, created_at, last_active, expires_at, is_active,"
                 " client_type, client_info, metadata) VALUES ($1, $2, $3, $4, $5, true, $6, $7, $8)"
-                f" ON CONFLICT (session_id) DO NOTHING RETURNING {_SESSION_COLS}",
+                f" ON CONFLICT (session_id) DO NOTHING RETURNING {pgr.SESSION_COLS}",
                 sess.session_id, sess.agent_id, sess.created_at, sess.last_active, sess.expires_at,
                 sess.client_type, sess.client_info, sess.metadata)
         if row is None:
             raise ConflictError(f"session {sess.session_id!r} already exists")
-        return _session(row)
+        return pgr.session(row)
 
     async def _get_session(self, session_id: str) -> Session | None:
         async with self.acquire() as conn:
-            row = await conn.fetchrow(f"SELECT {_SESSION_COLS} FROM core.sessions WHERE session_id = $1", session_id)
-        return None if row is None else _session(row)
+            row = await conn.fetchrow(f"SELECT {pgr.SESSION_COLS} FROM core.sessions WHERE session_id = $1", session_id)
+        return None if row is None else pgr.session(row)
 
     async def _touch_session(self, session_id: str, now: datetime, expires_at: datetime | None) -> Session:
         async with self.acquire() as conn:
             row = await conn.fetchrow(
                 "UPDATE core.sessions SET last_active = $2, expires_at = coalesce($3, expires_at)"
-                f" WHERE session_id = $1 RETURNING {_SESSION_COLS}", session_id, now, expires_at)
+                f" WHERE session_id = $1 RETURNING {pgr.SESSION_COLS}", session_id, now, expires_at)
         if row is None:
             raise NotFoundError("session", session_id)
-        return _session(row)
+        return pgr.session(row)
 
     async def _end_session(self, session_id: str, now: datetime) -> Session:
         async with self.acquire() as conn:
             row = await conn.fetchrow(
-                f"UPDATE core.sessions SET is_active = false WHERE session_id = $1 RETURNING {_SESSION_COLS}",
+                f"UPDATE core.sessions SET is_active = false WHERE session_id = $1 RETURNING {pgr.SESSION_COLS}",
                 session_id)
         if row is None:
             raise NotFoundError("session", session_id)
-        return _session(row)
+        return pgr.session(row)
 
     async def _get_active_sessions(self, agent_id: str, now: datetime) -> list[Session]:
         async with self.acquire() as conn:
             rows = await conn.fetch(
-                f"SELECT {_SESSION_COLS} FROM core.sessions WHERE agent_id = $1 AND is_active AND expires_at > $2"
+                f"SELECT {pgr.SESSION_COLS} FROM core.sessions WHERE agent_id = $1 AND is_active AND expires_at > $2"
                 " ORDER BY last_active DESC, session_id DESC", agent_id, now)
-        return [_session(r) for r in rows]
+        return [pgr.session(r) for r in rows]
 
     async def _expire_sessions(self, now: datetime) -> int:
         async with self.acquire() as conn:
@@ -490,16 +438,16 @@ class PostgresDatabase(Database):
     async def _get_agent_state_history(self, agent_id: str, limit: int, since: datetime | None) -> list[AgentState]:
         where, args = _filters(("agent_id = {}", agent_id), ("recorded_at >= {}", since))
         async with self.acquire() as conn:
-            rows = await conn.fetch(f"SELECT {_STATE_COLS} FROM core.agent_state WHERE {where}"
+            rows = await conn.fetch(f"SELECT {pgr.STATE_COLS} FROM core.agent_state WHERE {where}"
                                     f" ORDER BY recorded_at DESC, id DESC LIMIT ${len(args) + 1}", *args, limit)
-        return [_agent_state(r) for r in rows]
+        return [pgr.agent_state(r) for r in rows]
 
     # -- calibration -----------------------------------------------------
 
     async def _get_calibration(self) -> Calibration | None:
         async with self.acquire() as conn:
             row = await conn.fetchrow("SELECT state, version, updated_at FROM core.calibration WHERE id = 1")
-        return None if row is None else _calibration(row)
+        return None if row is None else pgr.calibration(row)
 
     async def _update_calibration(self, state: dict[str, Any], expected_version: int | None,
                                   now: datetime) -> Calibration:
@@ -517,7 +465,7 @@ class PostgresDatabase(Database):
                 " RETURNING state, version, updated_at", state, current + 1, now, current)
             if row is None:
                 raise ConflictError("calibration changed while being written; read it again and retry")
-        return _calibration(row)
+        return pgr.calibration(row)
 
     # -- audit events ----------------------------------------------------
 
@@ -532,16 +480,16 @@ class PostgresDatabase(Database):
                     raise ConflictError(f"audit event {ev.event_id} already exists with other content") from exc
                 if fresh:
                     await conn.execute(
-                        f"INSERT INTO audit.events ({_EVENT_COLS}, words) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                        f"INSERT INTO audit.events ({pgr.EVENT_COLS}, words) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
                         ev.event_id, ev.timestamp, ev.event_type, ev.agent_id, ev.session_id, ev.confidence,
-                        ev.details, ev.raw_hash, audit_words(ev.event_type, dump_json(ev.details)))
+                        ev.details, ev.raw_hash, pgr.audit_words(ev.event_type, dump_json(ev.details)))
                     return ev, True
                 row = await conn.fetchrow(
-                    f"SELECT {', '.join('e.' + c for c in _EVENT_COLS.split(', '))} FROM audit.event_hashes h"
+                    f"SELECT {', '.join('e.' + c for c in pgr.EVENT_COLS.split(', '))} FROM audit.event_hashes h"
                     " JOIN audit.events e ON e.event_id = h.event_id AND e.ts = h.ts WHERE h.raw_hash = $1",
                     ev.raw_hash)
                 if row is not None:
-                    return _audit(row), False
+                    return pgr.audit_event(row), False
                 # The hash outlived its event (retention dropped it): forget it, store anew.
                 await conn.execute("DELETE FROM audit.event_hashes WHERE raw_hash = $1", ev.raw_hash)
         raise ConflictError(f"audit event {ev.event_id} could not be stored; retry")  # pragma: no cover
@@ -551,15 +499,15 @@ class PostgresDatabase(Database):
         where, args = _filters(("agent_id = {}", agent_id), ("event_type = {}", event_type),
                                ("ts >= {}", since), ("ts < {}", until))
         async with self.acquire() as conn:
-            rows = await conn.fetch(f"SELECT {_EVENT_COLS} FROM audit.events WHERE {where}"
+            rows = await conn.fetch(f"SELECT {pgr.EVENT_COLS} FROM audit.events WHERE {where}"
                                     f" ORDER BY ts DESC, event_id DESC LIMIT ${len(args) + 1}", *args, limit)
-        return [_audit(r) for r in rows]
+        return [pgr.audit_event(r) for r in rows]
 
     async def _search_audit_events(self, words: tuple[str, ...], limit: int) -> list[AuditEvent]:
         async with self.acquire() as conn:
-            rows = await conn.fetch(f"SELECT {_EVENT_COLS} FROM audit.events WHERE words @> $1::text[]"
+            rows = await conn.fetch(f"SELECT {pgr.EVENT_COLS} FROM audit.events WHERE words @> $1::text[]"
                                     " ORDER BY ts DESC, event_id DESC LIMIT $2", _query_words(words), limit)
-        return [_audit(r) for r in rows]
+        return [pgr.audit_event(r) for r in rows]
 
     # -- tool usage ------------------------------------------------------
 
@@ -568,7 +516,7 @@ class PostgresDatabase(Database):
             # The key includes ts (partitioning); NOT EXISTS makes usage_id
             # unique across months too.
             inserted = await conn.fetchval(
-                f"INSERT INTO audit.tool_usage ({_USAGE_COLS}) SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9"
+                f"INSERT INTO audit.tool_usage ({pgr.USAGE_COLS}) SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9"
                 " WHERE NOT EXISTS (SELECT 1 FROM audit.tool_usage WHERE usage_id = $1)"
                 " ON CONFLICT DO NOTHING RETURNING true",
                 use.usage_id, use.timestamp, use.tool_name, use.agent_id, use.session_id, use.latency_ms,
@@ -582,9 +530,9 @@ class PostgresDatabase(Database):
         where, args = _filters(("agent_id = {}", agent_id), ("tool_name = {}", tool_name),
                                ("ts >= {}", since), ("ts < {}", until))
         async with self.acquire() as conn:
-            rows = await conn.fetch(f"SELECT {_USAGE_COLS} FROM audit.tool_usage WHERE {where}"
+            rows = await conn.fetch(f"SELECT {pgr.USAGE_COLS} FROM audit.tool_usage WHERE {where}"
                                     f" ORDER BY ts DESC, usage_id DESC LIMIT ${len(args) + 1}", *args, limit)
-        return [_tool_usage(r) for r in rows]
+        return [pgr.tool_usage(r) for r in rows]
 
     async def _get_tool_stats(self, agent_id: str | None, since: datetime | None) -> list[ToolStats]:
         where, args = _filters(("agent_id = {}", agent_id), ("ts >= {}", since))
@@ -609,7 +557,7 @@ class PostgresDatabase(Database):
                 " RETURNING true",
                 disc.id, disc.agent_id, disc.type, disc.severity, disc.status, disc.created_at, disc.updated_at,
                 disc.resolved_at, disc.summary, disc.details, list(disc.related_files), disc.confidence,
-                discovery_words(disc.summary, disc.details))
+                pgr.discovery_words(disc.summary, disc.details))
             if not created:
                 raise ConflictError(f"discovery {disc.id!r} already exists")
             if disc.tags:
@@ -620,8 +568,8 @@ class PostgresDatabase(Database):
             return await self._fetch_discovery(conn, disc.id)  # type: ignore[return-value]
 
     async def _fetch_discovery(self, conn: asyncpg.Connection, discovery_id: str) -> Discovery | None:
-        row = await conn.fetchrow(f"SELECT {_DISC_COLS} FROM core.discoveries d WHERE d.id = $1", discovery_id)
-        return None if row is None else _discovery(row)
+        row = await conn.fetchrow(f"SELECT {pgr.DISCOVERY_COLS} FROM core.discoveries d WHERE d.id = $1", discovery_id)
+        return None if row is None else pgr.discovery(row)
 
     async def _get_discovery(self, discovery_id: str) -> Discovery | None:
         async with self.acquire() as conn:
@@ -631,13 +579,13 @@ class PostgresDatabase(Database):
         async with self.acquire(transaction=True) as conn:
             row = await conn.fetchrow(
                 "UPDATE core.discoveries AS d SET status = $2::text, updated_at = $3::timestamptz,"
-                f" resolved_at = CASE WHEN $2::text = 'resolved' THEN $3::timestamptz END WHERE d.id = $1 RETURNING {_DISC_COLS}",
+                f" resolved_at = CASE WHEN $2::text = 'resolved' THEN $3::timestamptz END WHERE d.id = $1 RETURNING {pgr.DISCOVERY_COLS}",
                 discovery_id, status, now)
             if row is None:
                 raise NotFoundError("discovery", discovery_id)
             if self.supports_graph:
                 await self._graph.set_discovery_status(conn, discovery_id, status)
-            return _discovery(row)
+            return pgr.discovery(row)
 
     async def _link_discoveries(self, link: DiscoveryLink) -> DiscoveryLink:
         async with self.acquire(transaction=True) as conn:
@@ -646,7 +594,7 @@ class PostgresDatabase(Database):
             row = await conn.fetchrow(
                 "INSERT INTO core.discovery_edges AS e (src_id, dst_id, edge_type, response_type, weight,"
                 " created_at, created_by, metadata) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
-                f" ON CONFLICT (src_id, dst_id, edge_type) DO NOTHING RETURNING {_LINK_COLS}",
+                f" ON CONFLICT (src_id, dst_id, edge_type) DO NOTHING RETURNING {pgr.LINK_COLS}",
                 link.src_id, link.dst_id, link.edge_type, link.response_type, link.weight, link.created_at,
                 link.created_by, link.metadata)
             if row is None:
@@ -654,7 +602,7 @@ class PostgresDatabase(Database):
                                     f" linked as {link.edge_type}")
             if self.supports_graph:
                 await self._graph.add_link(conn, link)
-            return _link(row)
+            return pgr.link(row)
 
     async def _search_discoveries(self, words: tuple[str, ...], tags: tuple[str, ...], type: str | None,
                                   status: str | None, agent_id: str | None, limit: int) -> list[Discovery]:
@@ -666,9 +614,9 @@ class PostgresDatabase(Database):
             filters.append(("d.words @> {}::text[]", _query_words(words)))
         where, args = _filters(*filters)
         async with self.acquire() as conn:
-            rows = await conn.fetch(f"SELECT {_DISC_COLS} FROM core.discoveries d WHERE {where}"
+            rows = await conn.fetch(f"SELECT {pgr.DISCOVERY_COLS} FROM core.discoveries d WHERE {where}"
                                     f" ORDER BY d.created_at DESC, d.id DESC LIMIT ${len(args) + 1}", *args, limit)
-        return [_discovery(r) for r in rows]
+        return [pgr.discovery(r) for r in rows]
 
     async def _get_neighbors(self, discovery_id: str, edge_type: str | None) -> list[Neighbor]:
         type_cond = "" if edge_type is None else " AND e.edge_type = $2"
@@ -676,7 +624,7 @@ class PostgresDatabase(Database):
         async with self.acquire() as conn:
             await self._require(conn, "discovery", discovery_id)
             rows = await conn.fetch(
-                f"SELECT {_LINK_COLS}, n.other, n.direction, {_DISC_COLS} FROM ("
+                f"SELECT {pgr.LINK_COLS}, n.other, n.direction, {pgr.DISCOVERY_COLS} FROM ("
                 f"   SELECT e.dst_id AS other, 'out' AS direction, e.src_id, e.dst_id, e.edge_type"
                 f"     FROM core.discovery_edges e WHERE e.src_id = $1{type_cond}"
                 f"   UNION ALL SELECT e.src_id, 'in', e.src_id, e.dst_id, e.edge_type"
@@ -684,7 +632,7 @@ class PostgresDatabase(Database):
                 " JOIN core.discovery_edges e USING (src_id, dst_id, edge_type)"
                 " JOIN core.discoveries d ON d.id = n.other"
                 " ORDER BY n.other, e.edge_type, n.direction", *args)
-        return [Neighbor(_discovery(r), _link(r), r["direction"]) for r in rows]
+        return [Neighbor(pgr.discovery(r), pgr.link(r), r["direction"]) for r in rows]
 
     async def _get_response_chain(self, discovery_id: str, max_depth: int) -> list[Discovery]:
         async with self.acquire() as conn:
@@ -698,11 +646,11 @@ class PostgresDatabase(Database):
                 "   CROSS JOIN LATERAL (SELECT e.dst_id FROM core.discovery_edges e"
                 "     WHERE e.src_id = c.id AND e.edge_type = 'response_to' ORDER BY e.dst_id LIMIT 1) AS n"
                 "   WHERE c.depth < $2 AND NOT n.dst_id = ANY (c.path))"
-                f" SELECT {_DISC_COLS} FROM chain c JOIN core.discoveries d ON d.id = c.id ORDER BY c.depth",
+                f" SELECT {pgr.DISCOVERY_COLS} FROM chain c JOIN core.discoveries d ON d.id = c.id ORDER BY c.depth",
                 discovery_id, max_depth)
         if not rows:
             raise NotFoundError("discovery", discovery_id)
-        return [_discovery(r) for r in rows]
+        return [pgr.discovery(r) for r in rows]
 
     # -- dialectic -------------------------------------------------------
 
@@ -718,7 +666,7 @@ class PostgresDatabase(Database):
                 " created_at, updated_at, reason, discovery_id, dispute_type, session_type, topic,"
                 " max_synthesis_rounds, synthesis_round, paused_agent_state)"
                 " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)"
-                f" ON CONFLICT (session_id) DO NOTHING RETURNING {_DIALECTIC_COLS}",
+                f" ON CONFLICT (session_id) DO NOTHING RETURNING {pgr.DIALECTIC_COLS}",
                 sess.session_id, sess.paused_agent_id, sess.reviewer_agent_id, sess.phase, sess.status,
                 sess.created_at, sess.updated_at, sess.reason, sess.discovery_id, sess.dispute_type,
                 sess.session_type, sess.topic, sess.max_synthesis_rounds, sess.synthesis_round,
@@ -727,7 +675,7 @@ class PostgresDatabase(Database):
                 raise ConflictError(f"dialectic session {sess.session_id!r} already exists")
             if self.supports_graph:
                 await self._graph.add_dialectic_session(conn, sess)
-            return _dialectic(row)
+            return pgr.dialectic(row)
 
     async def _get_dialectic_session(self, session_id: str) -> DialecticSession | None:
         async with self.acquire() as conn:
@@ -735,15 +683,15 @@ class PostgresDatabase(Database):
 
     async def _fetch_dialectic(self, conn: asyncpg.Connection, session_id: str, *,
                                lock: bool = False) -> DialecticSession | None:
-        row = await conn.fetchrow(f"SELECT {_DIALECTIC_COLS} FROM core.dialectic_sessions WHERE session_id = $1"
+        row = await conn.fetchrow(f"SELECT {pgr.DIALECTIC_COLS} FROM core.dialectic_sessions WHERE session_id = $1"
                                   + (" FOR UPDATE" if lock else ""), session_id)
         if row is None:
             return None
         if lock:
-            return _dialectic(row)
-        msgs = await conn.fetch(f"SELECT {_MESSAGE_COLS} FROM core.dialectic_messages WHERE session_id = $1"
+            return pgr.dialectic(row)
+        msgs = await conn.fetch(f"SELECT {pgr.MESSAGE_COLS} FROM core.dialectic_messages WHERE session_id = $1"
                                 " ORDER BY id", session_id)
-        return _dialectic(row, tuple(_message(m) for m in msgs))
+        return pgr.dialectic(row, tuple(pgr.message(m) for m in msgs))
 
     async def _assign_reviewer(self, session_id: str, reviewer_agent_id: str, now: datetime) -> DialecticSession:
         async with self.acquire(transaction=True) as conn:
@@ -776,11 +724,11 @@ class PostgresDatabase(Database):
             await self._require(conn, "agent", msg.agent_id)
             _require_active(sess)
             row = await conn.fetchrow(f"INSERT INTO core.dialectic_messages ({cols}) VALUES ({marks})"
-                                      f" RETURNING {_MESSAGE_COLS}", *args)
+                                      f" RETURNING {pgr.MESSAGE_COLS}", *args)
             await conn.execute("UPDATE core.dialectic_sessions SET updated_at = $2,"
                                " synthesis_round = synthesis_round + $3 WHERE session_id = $1",
                                msg.session_id, msg.timestamp, int(msg.message_type == "synthesis"))
-            stored = _message(row)
+            stored = pgr.message(row)
             if self.supports_graph:
                 await self._graph.add_dialectic_message(conn, stored)
             return stored
@@ -814,23 +762,12 @@ class PostgresDatabase(Database):
     async def _get_active_dialectic_sessions(self, agent_id: str) -> list[DialecticSession]:
         async with self.acquire() as conn:
             rows = await conn.fetch(
-                f"SELECT {_DIALECTIC_COLS} FROM core.dialectic_sessions WHERE status = 'active'"
+                f"SELECT {pgr.DIALECTIC_COLS} FROM core.dialectic_sessions WHERE status = 'active'"
                 " AND (paused_agent_id = $1 OR reviewer_agent_id = $1) ORDER BY created_at, session_id", agent_id)
-        return [_dialectic(r) for r in rows]
+        return [pgr.dialectic(r) for r in rows]
 
 
 # -- helpers --------------------------------------------------------------------
-
-async def _set_json_codecs(conn: asyncpg.Connection) -> None:
-    # Binary format, so COPY (which needs binary encoders) takes dicts too:
-    # jsonb's binary form is a version byte (1) and the text.
-    await conn.set_type_codec("jsonb", schema="pg_catalog", format="binary",
-                              encoder=lambda v: b"\x01" + dump_jsonb(v).encode("utf-8"),
-                              decoder=lambda b: json.loads(b[1:].decode("utf-8")))
-    await conn.set_type_codec("json", schema="pg_catalog", format="binary",
-                              encoder=lambda v: dump_jsonb(v).encode("utf-8"),
-                              decoder=lambda b: json.loads(b.decode("utf-8")))
-
 
 async def _stored_version(conn: asyncpg.Connection) -> int | None:
     if not await conn.fetchval("SELECT to_regclass('core.schema_version') IS NOT NULL"):
@@ -861,16 +798,6 @@ def _filters(*pairs: tuple[str, Any]) -> tuple[str, list[Any]]:
     return " AND ".join(conds) or "true", args
 
 
-def audit_words(event_type: str, details_text: str) -> list[str]:
-    """Return the ``words`` of an audit event: those of its type and its details as JSON text."""
-    return indexed_words(event_type + " " + details_text)
-
-
-def discovery_words(summary: str, details: str | None) -> list[str]:
-    """Return the ``words`` of a discovery: those of its summary and details."""
-    return indexed_words(summary if details is None else summary + " " + details)
-
-
 def _query_words(words: tuple[str, ...]) -> list[str]:
     return [indexed_word(w) for w in words]
 
@@ -881,92 +808,3 @@ def _require_active(sess: DialecticSession) -> None:
                             " open a new session instead")
 
 
-def _dict(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
-
-
-def _list(value: Any) -> list[Any]:
-    return value if isinstance(value, list) else []
-
-
-def _identity(r: asyncpg.Record) -> Identity:
-    return Identity(
-        agent_id=r["agent_id"], status=r["status"], created_at=r["created_at"], updated_at=r["updated_at"],
-        parent_agent_id=r["parent_agent_id"], spawn_reason=r["spawn_reason"], disabled_at=r["disabled_at"],
-        tags=tuple(r["tags"] or ()), notes=r["notes"], metadata=_dict(r["metadata"]),
-        lifecycle_events=tuple(e for e in _list(r["lifecycle_events"]) if isinstance(e, dict)),
-    )
-
-
-def _session(r: asyncpg.Record) -> Session:
-    return Session(
-        session_id=r["session_id"], agent_id=r["agent_id"], created_at=r["created_at"],
-        last_active=r["last_active"], expires_at=r["expires_at"], is_active=r["is_active"],
-        client_type=r["client_type"], client_info=_dict(r["client_info"]), metadata=_dict(r["metadata"]),
-    )
-
-
-def _agent_state(r: asyncpg.Record) -> AgentState:
-    return AgentState(
-        id=r["id"], agent_id=r["agent_id"], recorded_at=r["recorded_at"], energy=r["energy"],
-        integrity=r["integrity"], entropy=r["entropy"], void=r["void"], regime=r["regime"],
-        coherence=r["coherence"], state=_dict(r["snapshot"]),
-    )
-
-
-def _calibration(r: asyncpg.Record) -> Calibration:
-    return Calibration(state=_dict(r["state"]), version=r["version"], updated_at=r["updated_at"])
-
-
-def _audit(r: asyncpg.Record) -> AuditEvent:
-    return AuditEvent(
-        event_id=str(r["event_id"]), timestamp=r["ts"], event_type=r["event_type"], agent_id=r["agent_id"],
-        session_id=r["session_id"], confidence=r["confidence"], details=_dict(r["details"]),
-        raw_hash=r["raw_hash"],
-    )
-
-
-def _tool_usage(r: asyncpg.Record) -> ToolUsage:
-    return ToolUsage(
-        usage_id=str(r["usage_id"]), timestamp=r["ts"], tool_name=r["tool_name"], agent_id=r["agent_id"],
-        session_id=r["session_id"], latency_ms=r["latency_ms"], success=r["success"],
-        error_type=r["error_type"], payload=_dict(r["payload"]),
-    )
-
-
-def _discovery(r: asyncpg.Record) -> Discovery:
-    return Discovery(
-        id=r["id"], agent_id=r["agent_id"], type=r["type"], summary=r["summary"], created_at=r["created_at"],
-        status=r["status"], severity=r["severity"], details=r["details"], tags=tuple(r["tags"] or ()),
-        confidence=r["confidence"], related_files=tuple(f for f in _list(r["related_files"]) if isinstance(f, str)),
-        updated_at=r["updated_at"], resolved_at=r["resolved_at"],
-    )
-
-
-def _link(r: asyncpg.Record) -> DiscoveryLink:
-    return DiscoveryLink(
-        src_id=r["src_id"], dst_id=r["dst_id"], edge_type=r["edge_type"], created_at=r["link_created_at"],
-        response_type=r["response_type"], weight=r["weight"], created_by=r["created_by"],
-        metadata=_dict(r["link_metadata"]),
-    )
-
-
-def _dialectic(r: asyncpg.Record, messages: tuple[DialecticMessage, ...] = ()) -> DialecticSession:
-    resolution = r["resolution"]
-    return DialecticSession(
-        session_id=r["session_id"], paused_agent_id=r["paused_agent_id"], phase=r["phase"], status=r["status"],
-        created_at=r["created_at"], updated_at=r["updated_at"], reviewer_agent_id=r["reviewer_agent_id"],
-        reason=r["reason"], discovery_id=r["discovery_id"], dispute_type=r["dispute_type"],
-        session_type=r["session_type"], topic=r["topic"], max_synthesis_rounds=r["max_synthesis_rounds"],
-        synthesis_round=r["synthesis_round"], paused_agent_state=_dict(r["paused_agent_state"]),
-        resolution=resolution if isinstance(resolution, dict) else None, messages=messages,
-    )
-
-
-def _message(r: asyncpg.Record) -> DialecticMessage:
-    return DialecticMessage(
-        id=r["id"], session_id=r["session_id"], agent_id=r["agent_id"], message_type=r["message_type"],
-        timestamp=r["ts"], root_cause=r["root_cause"], proposed_conditions=_list(r["proposed_conditions"]),
-        reasoning=r["reasoning"], observed_metrics=_dict(r["observed_metrics"]), concerns=_list(r["concerns"]),
-        agrees=r["agrees"], signature=r["signature"],
-    )

@@ -26,7 +26,7 @@ from typing import Any, Iterable
 
 from .. import legacy
 from ..backends.base import audit_hash
-from ..backends.postgres import audit_words, discovery_words
+from ..backends.pgrows import audit_words, discovery_words
 from ..convert import dump_json, parse_timestamp, read_float
 from ..records import (
     DIALECTIC_PHASES, DIALECTIC_STATUSES, DISCOVERY_STATUSES, EDGE_TYPES, IDENTITY_STATUSES,

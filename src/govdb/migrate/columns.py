@@ -126,7 +126,7 @@ def _loads(text: str) -> Any:
 def _checked_json(col: str, original: Any, value: Any, text: str, rep: list[Repair]) -> tuple[Any, str]:
     if not _JSON_WALK.search(text):
         return value, text
-    from ..backends.postgres import dump_jsonb  # jsonb text that reads back as the same floats
+    from ..backends.pgrows import dump_jsonb  # jsonb text that reads back as the same floats
     problems: set[str] = set()
     value = _sanitize(value, problems)
     if problems:
@@ -242,7 +242,7 @@ def _uuid(v: Any) -> str | None:
 
 
 def _dump(value: Any) -> str:
-    from ..backends.postgres import dump_jsonb
+    from ..backends.pgrows import dump_jsonb
     return dump_jsonb(value)
 
 

@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterable, Sequence
 import asyncpg
 
 from .. import legacy
-from ..backends import postgres as pg
+from ..backends import pgrows as pg
 from ..convert import dump_json, format_timestamp
 from ..records import (
     AgentState, AuditEvent, Calibration, DialecticMessage, DialecticSession, Discovery, DiscoveryLink, Identity,
@@ -151,23 +151,23 @@ class _Entity:
 
 
 _ENTITIES = (
-    _Entity("agent_metadata", "agent_id", "core.identities", pg._IDENTITY_COLS + ", api_key_hash",
-            "updated_at >= $2", pg._identity, legacy.identity,
+    _Entity("agent_metadata", "agent_id", "core.identities", pg.IDENTITY_COLS + ", api_key_hash",
+            "updated_at >= $2", pg.identity, legacy.identity,
             lambda rec, r: identity_row(rec, r["api_key_hash"]),
             keep=("api_key",)),  # old files hold the raw key, which still verifies
-    _Entity("session_identities", "session_id", "core.sessions", pg._SESSION_COLS,
-            "last_active >= $2 OR (NOT is_active AND session_id = ANY($3::text[]))", pg._session, legacy.session,
+    _Entity("session_identities", "session_id", "core.sessions", pg.SESSION_COLS,
+            "last_active >= $2 OR (NOT is_active AND session_id = ANY($3::text[]))", pg.session, legacy.session,
             lambda rec, r: session_row(rec)),
     _Entity("calibration_state", "id", "core.calibration", "id, state, version, updated_at",
-            "updated_at >= $2", pg._calibration, legacy.calibration, lambda rec, r: calibration_row(rec)),
+            "updated_at >= $2", pg.calibration, legacy.calibration, lambda rec, r: calibration_row(rec)),
     # Tags are synced as discovery_tags rows: both sides read here without them.
     _Entity("discoveries", "id", "core.discoveries",
             "id, agent_id, type, summary, created_at, status, severity, details, confidence, related_files,"
             " updated_at, resolved_at, NULL::text[] AS tags, embedding", "coalesce(updated_at, created_at) >= $2",
-            pg._discovery, lambda r: legacy.discovery(r, ()),
+            pg.discovery, lambda r: legacy.discovery(r, ()),
             lambda rec, r: {**discovery_row(rec), "embedding": r["embedding"]}, keep=("embedding",)),
-    _Entity("dialectic_sessions", "session_id", "core.dialectic_sessions", pg._DIALECTIC_COLS,
-            "updated_at >= $2", pg._dialectic, legacy.dialectic_session, lambda rec, r: dialectic_row(rec)),
+    _Entity("dialectic_sessions", "session_id", "core.dialectic_sessions", pg.DIALECTIC_COLS,
+            "updated_at >= $2", pg.dialectic, legacy.dialectic_session, lambda rec, r: dialectic_row(rec)),
 )
 
 
@@ -187,23 +187,23 @@ class ReverseSync:
 
     async def run(self) -> list[TableSync]:
         """Sync every table in dependency order; return what each got."""
-        await pg._set_json_codecs(self.conn)
+        await pg.set_json_codecs(self.conn)
         steps: list[tuple[str, Callable[[TableSync], Any]]] = [
             ("agent_metadata", lambda r: self._entity(_ENTITIES[0], r)),
             ("session_identities", lambda r: self._entity(_ENTITIES[1], r)),
-            ("agent_state", lambda r: self._appended(r, "agent_state", "core.agent_state", pg._STATE_COLS,
-                                                     pg._agent_state, agent_state_row)),
+            ("agent_state", lambda r: self._appended(r, "agent_state", "core.agent_state", pg.STATE_COLS,
+                                                     pg.agent_state, agent_state_row)),
             ("calibration_state", lambda r: self._entity(_ENTITIES[2], r)),
             ("audit_events", lambda r: self._audit(r, "audit_events", "audit.events", "event_id",
-                                                   pg._EVENT_COLS, pg._audit, audit_row)),
+                                                   pg.EVENT_COLS, pg.audit_event, audit_row)),
             ("tool_usage", lambda r: self._audit(r, "tool_usage", "audit.tool_usage", "usage_id",
-                                                 pg._USAGE_COLS, pg._tool_usage, tool_usage_row)),
+                                                 pg.USAGE_COLS, pg.tool_usage, tool_usage_row)),
             ("discoveries", lambda r: self._entity(_ENTITIES[3], r)),
             ("discovery_tags", self._tags),
             ("discovery_edges", self._edges),
             ("dialectic_sessions", lambda r: self._entity(_ENTITIES[4], r)),
             ("dialectic_messages", lambda r: self._appended(r, "dialectic_messages", "core.dialectic_messages",
-                                                            pg._MESSAGE_COLS, pg._message, message_row)),
+                                                            pg.MESSAGE_COLS, pg.message, message_row)),
         ]
         out = []
         for table, step in steps:
@@ -302,11 +302,11 @@ class ReverseSync:
     async def _edges(self, result: TableSync) -> None:
         have = {tuple(r) for r in self.file.execute("SELECT src_id, dst_id, edge_type FROM discovery_edges")}
         rows = [r for r in await self.conn.fetch(
-            f"SELECT {pg._LINK_COLS} FROM core.discovery_edges e ORDER BY e.src_id, e.dst_id, e.edge_type")
+            f"SELECT {pg.LINK_COLS} FROM core.discovery_edges e ORDER BY e.src_id, e.dst_id, e.edge_type")
             if (r["src_id"], r["dst_id"], r["edge_type"]) not in have]
         tick = self._progress("discovery_edges", len(rows))
         for chunk in _chunks(rows, BATCH):
-            self._insert("discovery_edges", [link_row(pg._link(r)) for r in chunk])
+            self._insert("discovery_edges", [link_row(pg.link(r)) for r in chunk])
             result.new += len(chunk)
             tick(len(chunk))
 
