@@ -115,6 +115,7 @@ async def test_mixed_writes_have_the_same_keys_in_both_stores(dual):
         await mixed_writes(db)
         assert await db.expire_sessions(now=datetime.now(timezone.utc) + timedelta(seconds=5)) == 1  # s2's ttl ran out
         assert (await db.get_session("s2")).is_active is False
+        await db.flush()  # writes are applied to PostgreSQL in the background (DB_DUAL_APPLY=background)
         assert await db.in_step()
     finally:
         await db.close()
@@ -242,6 +243,7 @@ async def test_shadow_reads_count_and_detect_drift(dual):
     try:
         await db.create_identity("a", api_key="k", metadata={"z": 1, "a": [1.0, 2]})
         await db.add_discovery("d", agent_id="a", type="t", summary="s", tags=["b", "a"])
+        await db.flush()  # reads are shadowed only while PostgreSQL holds every write
         for _ in range(3):
             assert (await db.get_identity("a")).status == "active"
             await db.search_discoveries(tags=["a"])
@@ -352,3 +354,68 @@ def test_shadow_rate_setting_is_validated():
     for bad in ("1.5", "-0.1", "nan", "often"):
         with pytest.raises(ConfigError, match="DB_DUAL_SHADOW_RATE"):
             Settings.from_env({"DB_DUAL_SHADOW_RATE": bad})
+
+
+async def test_write_returns_while_postgres_is_slow_and_lands_after(dual):
+    """DB_DUAL_APPLY=background: a write is acknowledged once SQLite (with its outbox record) committed,
+    reads still see it, and it reaches PostgreSQL when the row lock there is released."""
+    db = await open_dual(replace(dual.settings, dual_apply="background"))
+    blocker = await asyncpg.connect(dual.settings.postgres_url.reveal())
+    try:
+        await db.create_identity("a", api_key="k")
+        await db.flush()
+        assert await db.in_step()
+        tx = blocker.transaction()
+        await tx.start()
+        await blocker.execute("SELECT 1 FROM core.identities WHERE agent_id = 'a' FOR UPDATE")
+        try:
+            t0 = time.monotonic()
+            await asyncio.wait_for(db.update_identity_status("a", "paused", reason="slow pg"), 3.0)
+            await db.record_agent_state("a", energy=0.5, integrity=0.5, entropy=0.5, void=0.0)
+            assert time.monotonic() - t0 < 3.0
+            await asyncio.sleep(0.3)  # the background apply is waiting for the row lock
+            assert await pg_ids(dual, "SELECT status FROM core.identities WHERE agent_id = 'a'") == ["active"]
+            assert not await db.in_step()
+            assert (await db.get_identity("a")).status == "paused"  # read-your-writes: from SQLite meanwhile
+            assert len(await db.get_agent_state_history("a")) == 1
+        finally:
+            await tx.rollback()
+        await asyncio.wait_for(db.flush(), 10.0)
+        assert await db.in_step()
+        assert await pg_ids(dual, "SELECT status FROM core.identities WHERE agent_id = 'a'") == ["paused"]
+        await db.create_identity("b", api_key="k")  # close() applies what is still queued
+    finally:
+        await blocker.close()
+        await db.close()
+    assert await pg_ids(dual, "SELECT agent_id FROM core.identities") == ["a", "b"]
+    assert outbox.queue_counts(dual.settings.sqlite_path) == {"pending": 0, "parked": 0}
+    await assert_verified(dual)
+
+
+async def test_sync_apply_waits_for_postgres(dual):
+    db = await open_dual(dual.settings)  # DB_DUAL_APPLY=sync, the default
+    blocker = await asyncpg.connect(dual.settings.postgres_url.reveal())
+    try:
+        await db.create_identity("a", api_key="k")
+        assert await db.in_step()  # applied before create_identity returned
+        tx = blocker.transaction()
+        await tx.start()
+        await blocker.execute("SELECT 1 FROM core.identities WHERE agent_id = 'a' FOR UPDATE")
+        release = asyncio.get_running_loop().call_later(0.5, lambda: asyncio.ensure_future(tx.rollback()))
+        t0 = time.monotonic()
+        await db.update_identity_status("a", "paused")
+        assert time.monotonic() - t0 >= 0.4  # it waited for the row lock in PostgreSQL
+        release.cancel()
+        assert await pg_ids(dual, "SELECT status FROM core.identities WHERE agent_id = 'a'") == ["paused"]
+    finally:
+        await blocker.close()
+        await db.close()
+
+
+def test_dual_apply_setting_is_validated():
+    from govdb.config import Settings
+    from govdb.errors import ConfigError
+    assert Settings.from_env({}).dual_apply == "sync"
+    assert Settings.from_env({"DB_DUAL_APPLY": "Background"}).describe()["DB_DUAL_APPLY"] == "background"
+    with pytest.raises(ConfigError, match="DB_DUAL_APPLY"):
+        Settings.from_env({"DB_DUAL_APPLY": "later"})

@@ -12,6 +12,7 @@ from urllib.parse import urlsplit, urlunsplit
 from .errors import ConfigError
 
 BACKENDS = ("sqlite", "postgres", "dual")
+DUAL_APPLY_MODES = ("background", "sync")
 DEFAULT_POSTGRES_URL = "postgresql://postgres:postgres@localhost:5432/governance"
 _GRAPH_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{2,62}$")
 
@@ -88,6 +89,9 @@ class Settings:
     age_enabled: bool = True
     #: Fraction of dual-mode reads also run on the other store and compared (DB_DUAL_SHADOW_RATE).
     dual_shadow_rate: float = 0.0
+    #: When a dual write reaches PostgreSQL (DB_DUAL_APPLY): ``sync`` applies it before returning;
+    #: ``background`` acknowledges once SQLite (with the outbox record) committed and applies in batches behind.
+    dual_apply: str = "sync"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -122,6 +126,9 @@ class Settings:
             raise ConfigError("DB_DUAL_SHADOW_RATE", f"must be a number in [0, 1]; got {shadow_raw!r}") from None
         if not 0.0 <= shadow <= 1.0:  # also refuses nan
             raise ConfigError("DB_DUAL_SHADOW_RATE", f"must be a number in [0, 1]; got {shadow_raw!r}")
+        dual_apply = get("DB_DUAL_APPLY", "sync").lower()
+        if dual_apply not in DUAL_APPLY_MODES:
+            raise ConfigError("DB_DUAL_APPLY", f"must be background or sync; got {dual_apply!r}")
         sqlite_path = get("DB_SQLITE_PATH", "data/governance.db")
         if "\x00" in sqlite_path:
             raise ConfigError("DB_SQLITE_PATH", "contains a NUL byte")
@@ -136,6 +143,7 @@ class Settings:
             postgres_statement_cache=cache,
             age_enabled=age in ("1", "true", "yes", "on"),
             dual_shadow_rate=shadow,
+            dual_apply=dual_apply,
         )
 
     def describe(self) -> dict[str, str]:
@@ -150,6 +158,7 @@ class Settings:
             "DB_AGE_ENABLED": "1" if self.age_enabled else "0",
             "DB_DUAL_READ_PRIMARY": self.dual_read_primary,
             "DB_DUAL_SHADOW_RATE": f"{self.dual_shadow_rate:g}",
+            "DB_DUAL_APPLY": self.dual_apply,
             "DB_POSTGRES_STATEMENT_CACHE": str(self.postgres_statement_cache),
         }
 

@@ -1,12 +1,21 @@
 """Dual-write backend: SQLite and PostgreSQL together, losing nothing.
 
 A write runs on SQLite with its outbox record(s) in the same transaction
-(:mod:`.outbox`), so once SQLite commits the write cannot be lost. It is
-then applied to PostgreSQL (:mod:`.dual_sync`: copy the key's current
-SQLite row under an advisory lock) and its record deleted in a later batch.
-When PostgreSQL cannot take it, the record stays and a background replayer
-applies the queue in order, with backoff, until it lands; a write that can
-never land is parked and reported, and the queue goes on.
+(:mod:`.outbox`), so once SQLite commits the write cannot be lost. With
+``DB_DUAL_APPLY=background`` the write is acknowledged right
+then and its entries go to an in-memory queue; a background task applies
+whatever has accumulated (up to :data:`APPLY_BATCH` entries, in seq order)
+in one PostgreSQL transaction (:mod:`.dual_sync`: copy each key's current
+SQLite row under an advisory lock). With ``sync`` (the default) the write
+is applied before it returns: a backfill running beside live dual writes
+counts on that (it takes a row whose parent PostgreSQL already holds as
+migrated: ``govdb.migrate.backfill``, ``_orphans_landed``). Applied records
+are deleted later, in batches, outside the write transactions. When PostgreSQL cannot take an entry, the record
+stays and a background replayer applies the queue in order, with backoff,
+until it lands; a write that can never land is parked and reported, and the
+queue goes on. :meth:`DualDatabase.flush` waits for the queued entries;
+``close()`` applies them (for at most :data:`CLOSE_DRAIN_SECONDS`; what is
+left stays in the outbox for the next run).
 
 Reads go to ``DB_DUAL_READ_PRIMARY``, except that while any outbox record
 remains (of any process: the outbox is in the shared file) or PostgreSQL is
@@ -23,6 +32,7 @@ import logging
 import random
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Awaitable, Callable
@@ -36,7 +46,7 @@ from ..records import (
 )
 from . import outbox, shadow
 from .base import Database
-from .dual_sync import Applier, TransientError, describe
+from .dual_sync import Applier, TransientError, describe, is_lock_conflict
 from .postgres import PostgresDatabase
 from .sqlite import WRITE_HOOK, SQLiteDatabase, _bool, _ts
 
@@ -44,6 +54,16 @@ log = logging.getLogger(__name__)
 
 #: Entries applied per PostgreSQL transaction by the replayer.
 REPLAY_BATCH = 200
+#: Most entries the background applier puts in one PostgreSQL transaction.
+APPLY_BATCH = 200
+#: How long the background applier lets writes gather before it applies them (seconds).
+APPLY_LINGER = 0.002
+#: Entries queued in memory beyond this are left to the replayer (they are in the outbox).
+MAX_QUEUED = 20_000
+#: Applied records are deleted from the outbox once this many have gathered (or on the poll).
+DELETE_BATCH = 256
+#: How long close() goes on applying queued entries before leaving them to the next run.
+CLOSE_DRAIN_SECONDS = 5.0
 #: Backoff between replay attempts while PostgreSQL is unavailable (seconds).
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 10.0
 #: How often the replayer looks at the queue unasked (entries of crashed processes), and
@@ -52,6 +72,8 @@ POLL_SECONDS = 1.0
 #: Entries younger than this are left to the process that wrote them (it applies them itself).
 ORPHAN_AGE_SECONDS = 5.0
 SEQUENCE_SYNC_SECONDS = 5.0
+#: Tries of a write's apply that lost a lock conflict before it is left to the replayer.
+LOCK_CONFLICT_TRIES = 3
 
 _READS = (
     "_get_identity", "_list_identities", "_get_api_key_hash", "_get_lineage", "_list_children", "_get_session",
@@ -69,6 +91,7 @@ class ReplayResult:
     applied: int = 0
     parked: int = 0
     pending: int = 0
+    lock_conflicts: int = 0                 # batches tried again after losing a lock conflict
     error: str | None = None
     parked_now: list[tuple[int, str, str, str]] = field(default_factory=list)  # seq, table, key, error
 
@@ -112,16 +135,14 @@ def _last_rowid(conn: Any) -> int:
 
 
 class _Sink:
-    """The SQLite write hook of one dual write: its outbox rows, plus applied records to delete."""
+    """The SQLite write hook of one dual write: records its outbox rows (nothing else: applied
+    records are deleted in background batches, off the write path)."""
 
-    def __init__(self, db: "DualDatabase", op: str):
-        self.db, self.op = db, op
+    def __init__(self, op: str):
+        self.op = op
         self.entries: list[outbox.Entry] = []
-        self.deleted: list[int] = []
 
     def __call__(self, conn: Any, result: Any) -> None:
-        self.deleted = self.db._take_applied()
-        outbox.delete(conn, self.deleted)
         self.entries = outbox.enqueue(conn, self.op, _rows_for(conn, result))
 
 
@@ -132,11 +153,21 @@ class DualDatabase(Database):
     supports_copy = False
 
     def __init__(self, sqlite: SQLiteDatabase, pg: PostgresDatabase, *, read_primary: str = "postgres",
-                 shadow_rate: float = 0.0, graph: str = "governance"):
+                 shadow_rate: float = 0.0, graph: str = "governance", apply: str = "sync"):
+        if apply not in ("background", "sync"):
+            raise ValueError(f"apply must be background or sync; got {apply!r}")
         self.sqlite, self.pg = sqlite, pg
+        self.apply_mode = apply
+        self._queue: deque[outbox.Entry] = deque()  # committed, not yet applied (background mode)
+        self._kick = asyncio.Event()
+        self._applier_task: asyncio.Task[None] | None = None
+        self._apply_lock = asyncio.Lock()
         self.read_primary = read_primary
         self.shadow_rate = shadow_rate
-        self.applier = Applier(pg, sqlite, graph)
+        # The applier reads SQLite on a connection (and thread) of its own: inside its PostgreSQL
+        # transaction, holding locks, it must not queue behind the writes on the backend's.
+        self._sync_reader = SQLiteDatabase(sqlite.path)
+        self.applier = Applier(pg, self._sync_reader, graph)
         self._applied: list[int] = []       # applied records not yet deleted
         self._applied_lock = threading.Lock()  # the SQLite thread takes them in a write's hook
         self._pg_up = False
@@ -152,10 +183,10 @@ class DualDatabase(Database):
     def from_settings(cls, settings: Settings) -> "DualDatabase":
         return cls(SQLiteDatabase(settings.sqlite_path), PostgresDatabase.from_settings(settings),
                    read_primary=settings.dual_read_primary, shadow_rate=settings.dual_shadow_rate,
-                   graph=settings.age_graph)
+                   graph=settings.age_graph, apply=settings.dual_apply)
 
     def __repr__(self) -> str:
-        return f"DualDatabase({self.sqlite!r}, {self.pg!r}, reads={self.read_primary})"
+        return f"DualDatabase({self.sqlite!r}, {self.pg!r}, reads={self.read_primary}, apply={self.apply_mode})"
 
     @property
     def supports_graph(self) -> bool:  # type: ignore[override]
@@ -169,10 +200,16 @@ class DualDatabase(Database):
             return
         self._closing = False
         await self.sqlite.connect()
+        await self._sync_reader.connect()
         await self.sqlite._write(outbox.ensure_tables)
         await self._connect_pg()
         self._wake = asyncio.Event()
-        self._replayer = asyncio.get_running_loop().create_task(self._replay_loop(), name="govdb-dual-replay")
+        self._kick = asyncio.Event()
+        self._queue.clear()
+        loop = asyncio.get_running_loop()
+        self._replayer = loop.create_task(self._replay_loop(), name="govdb-dual-replay")
+        if self.apply_mode == "background":
+            self._applier_task = loop.create_task(self._apply_loop(), name="govdb-dual-apply")
         self._wake.set()  # entries left by an earlier run
 
     async def _connect_pg(self) -> bool:
@@ -188,7 +225,21 @@ class DualDatabase(Database):
         return True
 
     async def close(self) -> None:
-        """Stop the replayer, delete applied records, save shadow counters, close both stores."""
+        """Apply the queued writes (for at most CLOSE_DRAIN_SECONDS; the rest stays in the outbox),
+        stop the background tasks, delete applied records, save shadow counters, close both stores."""
+        applier, self._applier_task = self._applier_task, None
+        if applier is not None:
+            try:
+                await asyncio.wait_for(self.flush(), CLOSE_DRAIN_SECONDS)
+            except asyncio.TimeoutError:
+                log.warning("dual close: %d queued writes not applied within %.0f s; they stay in the outbox"
+                            " and are replayed by the next run", len(self._queue), CLOSE_DRAIN_SECONDS)
+            except GovdbError as exc:
+                log.warning("dual close: applying queued writes failed (%s); they stay in the outbox",
+                            describe(exc))
+            applier.cancel()
+            await asyncio.gather(applier, return_exceptions=True)
+            self._queue.clear()
         task, self._replayer = self._replayer, None
         self._closing = True
         if task is not None:
@@ -199,6 +250,7 @@ class DualDatabase(Database):
             except GovdbError as exc:
                 log.warning("dual close: bookkeeping failed (%s)", describe(exc))
         await self.pg.close()
+        await self._sync_reader.close()
         await self.sqlite.close()
 
     async def health(self) -> Health:
@@ -223,31 +275,82 @@ class DualDatabase(Database):
                 self._applied.extend(seqs)
 
     async def _dual(self, op: str, call: Callable[..., Awaitable[Any]], *args: Any) -> Any:
-        sink = _Sink(self, op)
+        sink = _Sink(op)
         token = WRITE_HOOK.set(sink)
         try:
             result = await call(*args)
-        except BaseException:
-            self._give_back(sink.deleted)  # rolled back with the write
-            raise
         finally:
             WRITE_HOOK.reset(token)
-        if sink.entries:
+        if not sink.entries:
+            return result
+        if self._applier_task is None:  # DB_DUAL_APPLY=sync
             await self._apply_now(op, sink.entries)
+            if len(self._applied) >= DELETE_BATCH:
+                try:
+                    await self._flush_applied()
+                except GovdbError as exc:  # the write is committed: the replayer's poll deletes them later
+                    log.warning("dual: deleting applied outbox records failed (%s); retried later", describe(exc))
+        elif not self._pg_up:
+            self._wake.set()  # the replayer applies the outbox once PostgreSQL answers
+        elif len(self._queue) >= MAX_QUEUED:
+            log.warning("dual: %d writes wait for PostgreSQL; later ones are left to the replayer", len(self._queue))
+            self._wake.set()
+        else:
+            self._queue.extend(sink.entries)
+            self._kick.set()
         return result
+
+    async def flush(self) -> None:
+        """Wait until the writes acknowledged so far were applied to PostgreSQL, or left to the
+        replayer (PostgreSQL down, or an entry failed: see :meth:`replay`)."""
+        await self._apply_queued()
+
+    async def _apply_loop(self) -> None:
+        """The background applier: group-commit what the writes queued (see the module docstring)."""
+        while True:
+            await self._kick.wait()
+            if len(self._queue) < APPLY_BATCH:
+                await asyncio.sleep(APPLY_LINGER)  # group commit: fewer, larger PostgreSQL transactions
+            self._kick.clear()
+            await self._apply_queued()
+
+    async def _apply_queued(self) -> None:
+        async with self._apply_lock:
+            while self._queue:
+                if not self._pg_up:
+                    self._queue.clear()
+                    self._wake.set()
+                    return
+                n = min(len(self._queue), APPLY_BATCH)
+                batch = sorted((self._queue.popleft() for _ in range(n)), key=lambda e: e.seq)
+                try:
+                    await self._apply_now(batch[0].op if n == 1 else "write", batch)
+                    if len(self._applied) >= DELETE_BATCH:
+                        await self._flush_applied()
+                except Exception as exc:  # noqa: BLE001 - the entries are in the outbox: the replayer has them
+                    log.warning("dual apply failed (%s); left to the replayer", describe(exc))
+                    self._queue.clear()
+                    self._wake.set()
+                    return
 
     async def _apply_now(self, op: str, entries: list[outbox.Entry]) -> None:
         """Apply a committed write's entries to PostgreSQL, or leave them to the replayer."""
         if not self._pg_up:
             self._wake.set()
             return
-        try:
-            failed = await self.applier.apply(entries)
-        except TransientError as exc:
-            self._pg_up = False
-            _log_failure(op, entries, exc, "queued for replay")
-            self._wake.set()
-            return
+        for attempt in range(1, LOCK_CONFLICT_TRIES + 1):
+            try:
+                failed = await self.applier.apply(entries)
+                break
+            except TransientError as exc:
+                if is_lock_conflict(exc) and attempt < LOCK_CONFLICT_TRIES:
+                    await asyncio.sleep(0.002 * attempt * random.uniform(1, 2))
+                    continue  # lost a lock conflict (e.g. a deadlock with a replay batch): PostgreSQL is fine
+                if not is_lock_conflict(exc):
+                    self._pg_up = False
+                _log_failure(op, entries, exc, "queued for replay")
+                self._wake.set()
+                return
         if failed:
             # Possibly only an earlier queued write it depends on: the replayer goes in order,
             # and parks what fails there again.
@@ -455,6 +558,8 @@ class DualDatabase(Database):
             after = 0
             while True:
                 skip = set(self._applied_snapshot())
+                if min_age is not None:  # the poll: entries still queued here are the applier's
+                    skip.update(e.seq for e in self._queue)
                 batch = [e for e in await self.sqlite._read(outbox.pending, REPLAY_BATCH, after) if e.seq not in skip]
                 if min_age is not None:
                     cutoff = format_timestamp(_utcnow_minus(min_age))
@@ -467,6 +572,10 @@ class DualDatabase(Database):
                 try:
                     failed = await self.applier.apply(batch)
                 except TransientError as exc:
+                    if is_lock_conflict(exc) and res.lock_conflicts < LOCK_CONFLICT_TRIES:
+                        res.lock_conflicts += 1  # lost to a concurrent write: the same batch again
+                        await asyncio.sleep(0.005 * res.lock_conflicts * random.uniform(1, 2))
+                        continue
                     res.error = describe(exc)
                     _log_failure("replay", batch[:1], exc, "retried with backoff")
                     await self.sqlite._write(outbox.note_attempt, [batch[0].seq], res.error)

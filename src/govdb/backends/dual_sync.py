@@ -53,6 +53,10 @@ class PermanentError(GovdbError):
     """PostgreSQL can never take this write as it is (the entry is parked)."""
 
 
+class _RowRefused(Exception):
+    """A row of a batch tried without savepoints failed for good: redo the batch row by row."""
+
+
 class TransientError(StoreUnavailableError):
     """PostgreSQL (or SQLite) cannot take the write now; retry later."""
 
@@ -70,6 +74,20 @@ def is_transient(exc: BaseException) -> bool:
         return (cause.sqlstate or "")[:2] not in PERMANENT_CLASSES
     return isinstance(exc, StoreUnavailableError) or isinstance(
         cause, (OSError, asyncio.TimeoutError, asyncpg.InterfaceError))
+
+
+#: SQLSTATEs of losing a lock conflict to another transaction: the server is fine, try again.
+LOCK_CONFLICTS = frozenset({"40P01", "40001", "55P03"})
+
+
+def is_lock_conflict(exc: BaseException) -> bool:
+    """Return whether a failure is a deadlock, serialization failure or lock timeout."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if getattr(cause, "sqlstate", None) in LOCK_CONFLICTS:
+            return True
+        cause = cause.__cause__
+    return False
 
 
 def describe(exc: BaseException) -> str:
@@ -242,32 +260,76 @@ class Applier:
             return {}
         keys = list(dict.fromkeys((e.table, e.key) for e in entries))
         failed: dict[tuple[str, tuple[Any, ...]], str] = {}
-        try:
-            async with self.pg.acquire(transaction=True) as conn:
-                await conn.execute(
-                    "SELECT pg_advisory_xact_lock(h) FROM (SELECT DISTINCT hashtextextended(k, 0) AS h"
-                    " FROM unnest($1::text[]) AS k ORDER BY 1) AS s",
-                    [f"govdb:dual:{t}:{_key_text(k)}" for t, k in keys])
-                rows = await self.sqlite._read(read_rows, keys)
-                for table, key in keys:
-                    row, tags = rows[(table, _key_text(key))]
-                    if len(keys) == 1:
-                        await self._apply_row(conn, table, key, row, tags)
-                        continue
+        # A batch is first tried without a savepoint per row (two round trips fewer a row); if a
+        # row can never land the whole try is rolled back and the batch redone row by row.
+        for careful in ((False, True) if len(keys) > 1 else (True,)):
+            try:
+                await self._apply_keys(keys, failed, careful)
+                break
+            except _RowRefused:
+                failed.clear()
+                continue
+            except Exception as exc:  # noqa: BLE001
+                if is_transient(exc):
+                    raise TransientError(f"PostgreSQL cannot take the write now ({describe(exc)})") from exc
+                if len(keys) != 1:
+                    raise
+                failed[keys[0]] = describe(exc)
+        return {e.seq: failed[(e.table, e.key)] for e in entries if (e.table, e.key) in failed}
+
+    async def _apply_keys(self, keys: list[tuple[str, tuple[Any, ...]]],
+                          failed: dict[tuple[str, tuple[Any, ...]], str], careful: bool) -> None:
+        async with self.pg.acquire(transaction=True) as conn:
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(h) FROM (SELECT DISTINCT hashtextextended(k, 0) AS h"
+                " FROM unnest($1::text[]) AS k ORDER BY 1) AS s",
+                [f"govdb:dual:{t}:{_key_text(k)}" for t, k in keys])
+            rows = await self.sqlite._read(read_rows, keys)
+            if self.pg.supports_graph:
+                # Tag nodes are shared between keys: every name this batch may add or drop is
+                # locked now, in one order, so batches and single writes never wait in a cycle.
+                await lock_tags(conn, await self._tag_names(conn, keys, rows))
+            for table, key in keys:
+                row, tags = rows[(table, _key_text(key))]
+                if len(keys) == 1:
+                    await self._apply_row(conn, table, key, row, tags)
+                    continue
+                if not careful:
                     try:
-                        async with conn.transaction():  # a savepoint: one bad row leaves the others
-                            await self._apply_row(conn, table, key, row, tags)
+                        await self._apply_row(conn, table, key, row, tags)
                     except Exception as exc:  # noqa: BLE001 - classified right here
                         if is_transient(exc):
                             raise
-                        failed[(table, key)] = describe(exc)
-        except Exception as exc:  # noqa: BLE001
-            if is_transient(exc):
-                raise TransientError(f"PostgreSQL cannot take the write now ({describe(exc)})") from exc
-            if len(keys) != 1:
-                raise
-            failed[keys[0]] = describe(exc)
-        return {e.seq: failed[(e.table, e.key)] for e in entries if (e.table, e.key) in failed}
+                        raise _RowRefused() from exc
+                    continue
+                try:
+                    async with conn.transaction():  # a savepoint: one bad row leaves the others
+                        await self._apply_row(conn, table, key, row, tags)
+                except Exception as exc:  # noqa: BLE001 - classified right here
+                    if is_transient(exc):
+                        raise
+                    failed[(table, key)] = describe(exc)
+
+    async def _tag_names(self, conn: asyncpg.Connection, keys: Sequence[tuple[str, tuple[Any, ...]]],
+                         rows: dict[tuple[str, str], Any]) -> list[str]:
+        """Return the Tag names the keys' nodes have now and will have after their rows are applied."""
+        names: set[str] = set()
+        cleaner = Cleaner(context=Context())
+        tags_at = TARGETS["agent_metadata"].columns.index("tags")
+        for table, key in keys:
+            label = _TAGGED.get(table)
+            if label is None:
+                continue
+            names.update(await node_tags(conn, self.graph, label, key[0]))
+            row, tag_rows = rows[(table, _key_text(key))]
+            if row is None:
+                continue
+            if table == "agent_metadata":
+                out = cleaner.clean(table, row)
+                names.update(out.values[tags_at] or () if out.ok else ())  # type: ignore[index]
+            else:
+                names.update(t.values[1] for t in (cleaner.clean("discovery_tags", r) for r in tag_rows) if t.ok)
+        return sorted(n for n in names if isinstance(n, str))
 
     async def _apply_row(self, conn: asyncpg.Connection, table: str, key: tuple[Any, ...],
                          row: dict[str, Any] | None, tags: list[dict[str, Any]]) -> None:
