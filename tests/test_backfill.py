@@ -383,6 +383,28 @@ async def test_newer_postgres_rows_are_left_alone(legacy_db, pg_url):
         assert (await pg.get_identity("agent-000003")).spawn_reason == "spawned"
 
 
+async def test_an_orphan_a_pending_dual_write_brings_is_migrated_not_quarantined(legacy_db, pg_url, tmp_path):
+    """A live dual-write made the parent after the backfill read the parents: its outbox
+    record is still waiting, so the child row is landing, not an orphan."""
+    from govdb.backends import outbox
+    landing = tmp_path / "landing.db"
+    shutil.copy(legacy_db, landing)
+    with sqlite3.connect(landing) as conn:
+        outbox.ensure_tables(conn)
+        outbox.enqueue(conn, "add_discovery", [("discoveries", ("ghost-discovery",))])
+    with_outbox = await backfill(pg_url, landing, progress=False, tables="identities,knowledge")
+    tags = with_outbox.table("discovery_tags")
+    q = await quarantined(pg_url)
+    assert ("discovery_tags", key("ghost-discovery", "orphan-tag")) not in q
+    assert ("discovery_edges", key("ghost-discovery", "disc-0000000", "related_to")) not in q
+    assert tags.reconciled and with_outbox.reconciled
+    # The same rows with no record waiting: orphans, quarantined.
+    plain = await backfill(pg_url, legacy_db, progress=False, tables="identities,knowledge", restart=True)
+    q = await quarantined(pg_url)
+    assert q[("discovery_tags", key("ghost-discovery", "orphan-tag"))][0] == "orphan"
+    assert plain.table("discovery_tags").quarantined == tags.quarantined + 1
+
+
 async def test_legacy_ids_are_kept_and_sequences_moved_past_them(legacy_db, pg_url):
     await backfill(pg_url, legacy_db, progress=False)
     with sqlite3.connect(legacy_db) as conn:
@@ -531,7 +553,7 @@ async def test_kill_and_resume_loses_nothing_and_duplicates_nothing(tmp_path, pg
     assert [r[0] for r in await fetch(pg_url, "SELECT id FROM audit.events ORDER BY id")] == good
 
 
-async def testcopy_text_round_trips_odd_values(pg_url):
+async def test_copy_text_round_trips_odd_values(pg_url):
     """Batches travel as COPY text: every kind of value, NULLs among them, escapes, arrays."""
     rows = [
         (1, "plain", datetime(2025, 1, 1, tzinfo=UTC), 1.5, True, ["a", "b"], b"\x00\xff", None),

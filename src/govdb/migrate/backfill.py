@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import os
 import time
@@ -41,6 +42,7 @@ from typing import Any, Iterator, Sequence
 
 import asyncpg
 
+from ..backends.outbox import encode as outbox_key
 from ..config import SecretUrl, Settings, parse_postgres_url
 from ..errors import ConfigError, StoreUnavailableError
 from . import MigrationError
@@ -672,29 +674,45 @@ class _Stream:
 
     async def _orphans_landed(self, t: _Table, quarantined: list[tuple[str, str, str, str]]
                               ) -> tuple[list[tuple[str, str, str, str]], int]:
-        """Return the batch's quarantined rows without the orphans PostgreSQL holds by now, and
-        how many those were. A row whose parent a live dual-write created after this table's
-        parents were read is an orphan to the cleaner, but its dual-write put it (parent first)
-        into PostgreSQL: it is migrated, not quarantined. Orphans are rare: one query each."""
+        """Return the batch's quarantined rows without the orphans that a live dual-write is
+        bringing to PostgreSQL, and how many those were.
+
+        A row whose parent a dual-write created after this table's parents were read is an
+        orphan to the cleaner, but the dual-write brings parent and row: the row (or its
+        parent) still has a record in the file's outbox, or PostgreSQL holds the row already
+        (a record is deleted only after it landed, so the outbox is asked first). Such a row
+        is migrated, not quarantined. Orphans are rare: a few queries each.
+        """
         conn = self.conn
         assert conn is not None
+        orphans = [q for q in quarantined if q[1] == "orphan"]
+        if not orphans:
+            return quarantined, 0
+        pairs = {q[0]: [(t.name, outbox_key(decode_key(q[0]))), *_parent_keys(t.name, q[3])] for q in orphans}
+        pending = await asyncio.get_running_loop().run_in_executor(
+            self.pool, self._pending_writes, [p for ps in pairs.values() for p in ps])
         target = TARGETS[t.name]
         where = " AND ".join(f"{quote_ident(c)} = ${i}" for i, c in enumerate(target.key, 1))
-        kept: list[tuple[str, str, str, str]] = []
-        landed: list[str] = []
-        for q in quarantined:
-            key = decode_key(q[0]) if q[1] == "orphan" else None
-            kind = int if t.name in INTEGER_KEYED else str
-            if key is not None and len(key) == len(target.key) and all(type(v) is kind for v in key) and await conn.fetchval(
+        kind = int if t.name in INTEGER_KEYED else str
+        landed: set[str] = set()
+        for q in orphans:
+            if any(p in pending for p in pairs[q[0]]):
+                landed.add(q[0])
+                continue
+            key = decode_key(q[0])
+            if len(key) == len(target.key) and all(type(v) is kind for v in key) and await conn.fetchval(
                     f"SELECT EXISTS (SELECT 1 FROM {quote_qualified(target.table)} WHERE {where})", *key):
-                landed.append(q[0])
-            else:
-                kept.append(q)
+                landed.add(q[0])
         if landed:  # and a record of it from an earlier run is no longer true
             await conn.execute(
                 "DELETE FROM migrate.quarantine WHERE source = $1 AND source_table = $2"
-                " AND key_md5 IN (SELECT md5(k) FROM unnest($3::text[]) AS k)", self.fingerprint, t.name, landed)
-        return kept, len(landed)
+                " AND key_md5 IN (SELECT md5(k) FROM unnest($3::text[]) AS k)", self.fingerprint, t.name,
+                sorted(landed))
+        return [q for q in quarantined if q[0] not in landed], len(landed)
+
+    def _pending_writes(self, pairs: list[tuple[str, str]]) -> set[tuple[str, str]]:
+        assert self.source is not None
+        return self.source.pending_writes(pairs)
 
     async def _merge_safe(self, t: _Table, rows: _Rows) -> tuple[int, int, list[tuple[tuple[Any, ...], str]]]:
         """Merge ``rows``; a row PostgreSQL refuses is isolated by halving and comes back with the reason."""
@@ -833,6 +851,33 @@ def _streams(tables: list[str]) -> list[list[str]]:
     the one that takes longest (audit events) first."""
     rest = [t for t in tables if t not in _OWN_STREAM]
     return [[t] for t in tables if t in _OWN_STREAM] + ([rest] if rest else [])
+
+
+#: Legacy table -> (column, parent table) of the references its orphan check follows.
+_PARENT_COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {
+    "session_identities": (("agent_id", "agent_metadata"),),
+    "agent_state": (("agent_id", "agent_metadata"),),
+    "discoveries": (("agent_id", "agent_metadata"),),
+    "discovery_tags": (("discovery_id", "discoveries"),),
+    "discovery_edges": (("src_id", "discoveries"), ("dst_id", "discoveries")),
+    "dialectic_sessions": (("paused_agent_id", "agent_metadata"), ("reviewer_agent_id", "agent_metadata"),
+                           ("discovery_id", "discoveries")),
+    "dialectic_messages": (("session_id", "dialectic_sessions"), ("agent_id", "agent_metadata")),
+}
+
+
+def _parent_keys(table: str, raw_row: str) -> list[tuple[str, str]]:
+    """Return the (parent table, key text) pairs an orphan's raw row (quarantine text) points at."""
+    try:
+        row = json.loads(raw_row)
+    except ValueError:
+        return []
+    out = []
+    for column, parent in _PARENT_COLUMNS.get(table, ()):
+        value = row.get(column) if isinstance(row, dict) else None
+        if isinstance(value, str):
+            out.append((parent, outbox_key((value,))))
+    return out
 
 
 def _repair_rows(repaired: list[tuple[Any, str, list[tuple[Any, ...]]]]) -> list[list[Any]]:

@@ -301,6 +301,18 @@ class LegacySource:
         except sqlite3.OperationalError:
             return self._fetch(sql, args)
 
+    def pending_writes(self, pairs: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
+        """Return which (legacy table, key text) pairs have a dual-write record still waiting
+        for PostgreSQL in the file's outbox (none when the file has no outbox)."""
+        if not pairs or "govdb_outbox" not in self.tables:
+            return set()
+        found: set[tuple[str, str]] = set()
+        for table, key in pairs:
+            if self._conn.execute("SELECT 1 FROM govdb_outbox WHERE tbl = ? AND key = ? AND state = 'pending'"
+                                  " LIMIT 1", (table, key)).fetchone():
+                found.add((table, key))
+        return found
+
     def row(self, table: str, key: Sequence[Any]) -> Row | None:
         """Return the row with this key (the first by rowid), or None."""
         keys = KEYS[table]
