@@ -21,8 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Awaitable, Callable
 
-import pytest
-
 from conftest import settings_for, with_database
 from govdb.backends import create_backend
 from govdb.backends.dual import DualDatabase

@@ -31,8 +31,9 @@ from typing import Any, Sequence
 import asyncpg
 
 from ..errors import GovdbError, StoreUnavailableError
-from ..migrate.clean import TARGETS, Cleaner, Context
-from ..migrate.graph import NODE_PROPS, NODE_SQL, _build_map, _key_expr, _table, _ts
+from ..migrate.clean import Cleaner
+from ..migrate.targets import TARGETS, Context
+from ..migrate.graph import NODE_PROPS, NODE_SQL, build_map, key_expr, label_table, ts_sql
 from ..migrate.source import KEYS, quote_ident, quote_qualified
 from .age import drop_unused_tags, lock_tags, node_tags
 from .outbox import Entry
@@ -166,37 +167,37 @@ def _k(label: str, expr: str) -> str:
 
 def _node_sql(graph: str, label: str, param: str) -> str:
     props = NODE_PROPS[label]
-    return (f"INSERT INTO {_table(graph, label)} (properties) SELECT {_build_map(props, 'src')}"
+    return (f"INSERT INTO {label_table(graph, label)} (properties) SELECT {build_map(props, 'src')}"
             f" FROM ({NODE_SQL[label]}) AS src({', '.join(props)}) WHERE src.{props[0]} = {param}"
-            f" ON CONFLICT ({_key_expr('properties', label)}) DO UPDATE SET properties = EXCLUDED.properties")
+            f" ON CONFLICT ({key_expr('properties', label)}) DO UPDATE SET properties = EXCLUDED.properties")
 
 
 def _tag_nodes_sql(graph: str, want: str) -> str:
-    return (f"INSERT INTO {_table(graph, 'Tag')} (properties) SELECT ag_catalog.agtype_build_map('name', w.t)"
-            f" FROM ({want}) AS w(t) ON CONFLICT ({_key_expr('properties', 'Tag')}) DO NOTHING")
+    return (f"INSERT INTO {label_table(graph, 'Tag')} (properties) SELECT ag_catalog.agtype_build_map('name', w.t)"
+            f" FROM ({want}) AS w(t) ON CONFLICT ({key_expr('properties', 'Tag')}) DO NOTHING")
 
 
 def _edge_sql(graph: str, label: str, start: str, end: str, key_end: str, param: str, want: str,
               props: tuple[str, ...] = (), exact: bool = True) -> list[str]:
     """Return statements making the ``label`` edges of one node (at ``key_end``) those ``want`` lists."""
-    t = _table(graph, label)
+    t = label_table(graph, label)
     cols = ", ".join(("other", *props))
     a_key = _k(start, param if key_end == "start" else "w.other")
     b_key = _k(end, param if key_end == "end" else "w.other")
     out = [f"INSERT INTO {t} (start_id, end_id{', properties' if props else ''})"
-           f" SELECT a.id, b.id{', ' + _build_map(props, 'w') if props else ''} FROM ({want}) AS w({cols})"
-           f" JOIN ONLY {_table(graph, start)} AS a ON {_key_expr('a.properties', start)} = {a_key}"
-           f" JOIN ONLY {_table(graph, end)} AS b ON {_key_expr('b.properties', end)} = {b_key}"
+           f" SELECT a.id, b.id{', ' + build_map(props, 'w') if props else ''} FROM ({want}) AS w({cols})"
+           f" JOIN ONLY {label_table(graph, start)} AS a ON {key_expr('a.properties', start)} = {a_key}"
+           f" JOIN ONLY {label_table(graph, end)} AS b ON {key_expr('b.properties', end)} = {b_key}"
            f" WHERE NOT EXISTS (SELECT 1 FROM ONLY {t} AS x WHERE x.start_id = a.id AND x.end_id = b.id)"]
     if exact:
         mine, other = ("a", "b") if key_end == "start" else ("b", "a")
         other_label = end if key_end == "start" else start
         out.append(
-            f"DELETE FROM ONLY {t} AS x USING ONLY {_table(graph, start)} AS a, ONLY {_table(graph, end)} AS b"
+            f"DELETE FROM ONLY {t} AS x USING ONLY {label_table(graph, start)} AS a, ONLY {label_table(graph, end)} AS b"
             f" WHERE x.start_id = a.id AND x.end_id = b.id"
-            f" AND {_key_expr(mine + '.properties', start if mine == 'a' else end)} = {_k(start if mine == 'a' else end, param)}"
+            f" AND {key_expr(mine + '.properties', start if mine == 'a' else end)} = {_k(start if mine == 'a' else end, param)}"
             f" AND NOT EXISTS (SELECT 1 FROM ({want}) AS w({cols})"
-            f" WHERE {_key_expr(other + '.properties', other_label)} = {_k(other_label, 'w.other')})")
+            f" WHERE {key_expr(other + '.properties', other_label)} = {_k(other_label, 'w.other')})")
     return out
 
 
@@ -204,7 +205,7 @@ def graph_statements(graph: str) -> dict[str, list[str]]:
     """Return, per legacy table, the statements that bring the graph of one key in step ($1.. = the key)."""
     agent_tags = "SELECT DISTINCT t FROM core.identities, unnest(tags) AS t WHERE agent_id = $1::text AND t IS NOT NULL"
     disc_tags = "SELECT tag FROM core.discovery_tags WHERE discovery_id = $1::text"
-    link = (f"SELECT dst_id, response_type, weight, {_ts('created_at')} FROM core.discovery_edges"
+    link = (f"SELECT dst_id, response_type, weight, {ts_sql('created_at')} FROM core.discovery_edges"
             " WHERE src_id = $1::text AND dst_id = $2::text AND edge_type = ")
     return {
         "agent_metadata": [

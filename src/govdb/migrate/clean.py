@@ -39,7 +39,6 @@ from .columns import (  # the column cleaners (package-internal)
 )
 from .source import quote_ident
 from .targets import _BAD_TEXT, _EPOCH_TEXT, _JSON_WALK, NO_KEY_HASH, Context, Outcome, Repair, Row, mask_key
-from .targets import TARGETS  # noqa: F401 - dual_sync imports it from here
 
 UTC = timezone.utc
 _CLOSING_PHASE = {"resolved": "resolved", "escalated": "escalated", "failed": "failed", "cancelled": "failed"}

@@ -77,21 +77,21 @@ def _edge_props(label: str) -> tuple[str, ...]:
 
 # -- the relational source ------------------------------------------------------
 
-def _ts(column: str) -> str:
+def ts_sql(column: str) -> str:
     # The text convert.format_timestamp writes (age.Graph's created_at).
     return f"to_char({column} AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"+00:00\"')"
 
 
 #: label -> SELECT of NODE_PROPS[label], in order, from core.*
 NODE_SQL: dict[str, str] = {
-    "Agent": f"SELECT agent_id, status, {_ts('created_at')} FROM core.identities",
-    "Discovery": f"SELECT id, type, status, {_ts('created_at')} FROM core.discoveries",
+    "Agent": f"SELECT agent_id, status, {ts_sql('created_at')} FROM core.identities",
+    "Discovery": f"SELECT id, type, status, {ts_sql('created_at')} FROM core.discoveries",
     "Tag": ("SELECT t FROM core.identities, unnest(tags) AS t WHERE t IS NOT NULL"
             " UNION SELECT tag FROM core.discovery_tags"),
-    "DialecticSession": f"SELECT session_id, status, phase, {_ts('created_at')} FROM core.dialectic_sessions",
-    "DialecticMessage": f"SELECT id, message_type, {_ts('ts')} FROM core.dialectic_messages",
+    "DialecticSession": f"SELECT session_id, status, phase, {ts_sql('created_at')} FROM core.dialectic_sessions",
+    "DialecticMessage": f"SELECT id, message_type, {ts_sql('ts')} FROM core.dialectic_messages",
 }
-_LINK_SQL = (f"SELECT src_id, dst_id, response_type, weight, {_ts('created_at')} FROM core.discovery_edges"
+_LINK_SQL = (f"SELECT src_id, dst_id, response_type, weight, {ts_sql('created_at')} FROM core.discovery_edges"
              " WHERE edge_type = ")
 #: EDGE_KINDS entry -> SELECT of (start key, end key, *link properties) as text keys.
 EDGE_SQL: dict[tuple[str, str, str], str] = dict(zip(EDGE_KINDS, (
@@ -113,18 +113,18 @@ def _check_graph(graph: str) -> str:
     return graph
 
 
-def _key_expr(properties: str, label: str) -> str:
+def key_expr(properties: str, label: str) -> str:
     # The expression of the backend's unique index, so lookups and ON CONFLICT use it.
     return (f"ag_catalog.agtype_access_operator({properties},"
             f" '\"{NODE_PROPS[label][0]}\"'::ag_catalog.agtype)")
 
 
-def _build_map(names: Iterable[str], alias: str) -> str:
+def build_map(names: Iterable[str], alias: str) -> str:
     # agtype from typed columns (text -> string, float8 -> float, bigint -> integer); nulls left out.
     return "ag_catalog.agtype_build_map_nonull(" + ", ".join(f"'{n}', {alias}.{n}" for n in names) + ")"
 
 
-def _table(graph: str, label: str) -> str:
+def label_table(graph: str, label: str) -> str:
     return f'"{graph}"."{label}"'
 
 
@@ -135,23 +135,23 @@ def _map_table(label: str) -> str:
 def node_insert_sql(graph: str, label: str) -> str:
     """Return the INSERT adding ``label`` nodes of core.* that the graph lacks."""
     props = NODE_PROPS[label]
-    t = _table(graph, label)
+    t = label_table(graph, label)
     return (f"INSERT INTO {t} (properties)"
-            f" SELECT s.p FROM (SELECT {_build_map(props, 'src')} AS p"
+            f" SELECT s.p FROM (SELECT {build_map(props, 'src')} AS p"
             f" FROM ({NODE_SQL[label]}) AS src({', '.join(props)})) AS s"
             f" WHERE NOT EXISTS (SELECT 1 FROM ONLY {t} AS n"
-            f" WHERE {_key_expr('n.properties', label)} = {_key_expr('s.p', label)})"
-            f" ON CONFLICT ({_key_expr('properties', label)}) DO NOTHING")
+            f" WHERE {key_expr('n.properties', label)} = {key_expr('s.p', label)})"
+            f" ON CONFLICT ({key_expr('properties', label)}) DO NOTHING")
 
 
 def edge_insert_sql(graph: str, kind: tuple[str, str, str]) -> str:
     """Return the INSERT adding ``kind`` edges of core.* that the graph lacks (needs the key maps)."""
     label, start, end = kind
     props = _edge_props(label)
-    t = _table(graph, label)
+    t = label_table(graph, label)
     cols = ", ".join(("start_key", "end_key", *props))
     return (f"INSERT INTO {t} (start_id, end_id{', properties' if props else ''})"
-            f" SELECT a.gid, b.gid{', ' + _build_map(props, 'src') if props else ''}"
+            f" SELECT a.gid, b.gid{', ' + build_map(props, 'src') if props else ''}"
             f" FROM ({EDGE_SQL[kind]}) AS src({cols})"
             f" JOIN {_map_table(start)} AS a ON a.key = src.start_key"
             f" JOIN {_map_table(end)} AS b ON b.key = src.end_key"
@@ -186,7 +186,7 @@ async def _lock(conn: asyncpg.Connection, graph: str, label: str) -> None:
     # NOT EXISTS would then rescan the table for every row, quadratic; hash
     # and merge joins stay linear whatever the estimates.
     await conn.execute("SET LOCAL enable_nestloop = off")
-    await conn.execute(f"LOCK TABLE ONLY {_table(graph, label)} IN SHARE ROW EXCLUSIVE MODE")
+    await conn.execute(f"LOCK TABLE ONLY {label_table(graph, label)} IN SHARE ROW EXCLUSIVE MODE")
 
 
 async def load_graph(conn_or_url: asyncpg.Connection | SecretUrl | str,
@@ -222,8 +222,8 @@ async def _load(conn: asyncpg.Connection, graph: str) -> dict[str, int]:
             await conn.execute(
                 f"DROP TABLE IF EXISTS {_map_table(label)};"
                 f" CREATE TABLE {_map_table(label)} (key text COLLATE \"C\", gid ag_catalog.graphid);"
-                f" INSERT INTO {_map_table(label)} SELECT ({_key_expr('properties', label)})::text, id"
-                f" FROM ONLY {_table(graph, label)}; ANALYZE {_map_table(label)}")
+                f" INSERT INTO {_map_table(label)} SELECT ({key_expr('properties', label)})::text, id"
+                f" FROM ONLY {label_table(graph, label)}; ANALYZE {_map_table(label)}")
         for kind in EDGE_KINDS:
             async with conn.transaction():
                 await _lock(conn, graph, kind[0])
@@ -264,7 +264,7 @@ async def graph_counts(conn: asyncpg.Connection, graph: str = DEFAULT_GRAPH) -> 
     counts = dict.fromkeys(labels, 0)
     if present:
         row = await conn.fetchrow("SELECT " + ", ".join(
-            f"(SELECT count(*) FROM ONLY {_table(graph, lb)})" for lb in present))
+            f"(SELECT count(*) FROM ONLY {label_table(graph, lb)})" for lb in present))
         counts.update(zip(present, row))
     return counts
 
@@ -497,18 +497,18 @@ def render_sql(rows: GraphRows, graph: str = DEFAULT_GRAPH, mode: str = "merge",
             ret = ", ".join(f"r[{n}]" for n in range(len(cols)))
             yield (f"INSERT INTO {stage} SELECT * FROM ag_catalog.cypher('{graph}',"
                    f" {dollar_quote(f'UNWIND {items} AS r RETURN {ret}')}) AS ({typed});\n")
-        t = _table(graph, label)
+        t = label_table(graph, label)
         sql = (f"INSERT INTO {t} (start_id, end_id{', properties' if props else ''})"
                f" SELECT a.id, b.id{', r.p' if props else ''} FROM {stage} AS r"
-               f" JOIN ONLY {_table(graph, start)} AS a ON {_key_expr('a.properties', start)} = r.s"
-               f" JOIN ONLY {_table(graph, end)} AS b ON {_key_expr('b.properties', end)} = r.e")
+               f" JOIN ONLY {label_table(graph, start)} AS a ON {key_expr('a.properties', start)} = r.s"
+               f" JOIN ONLY {label_table(graph, end)} AS b ON {key_expr('b.properties', end)} = r.e")
         if mode == "merge":
             sql += f" WHERE NOT EXISTS (SELECT 1 FROM ONLY {t} AS x WHERE x.start_id = a.id AND x.end_id = b.id)"
         yield sql + ";\n"
     yield "COMMIT;\n"
     labels = [*NODE_PROPS, *age.EDGE_LABELS]
     yield ("SELECT label, count AS \"in graph\" FROM (VALUES " + ", ".join(
-        f"({i}, '{lb}', (SELECT count(*) FROM ONLY {_table(graph, lb)}))" for i, lb in enumerate(labels))
+        f"({i}, '{lb}', (SELECT count(*) FROM ONLY {label_table(graph, lb)}))" for i, lb in enumerate(labels))
         + ") AS c(i, label, count) ORDER BY i;\n")
 
 
@@ -528,12 +528,12 @@ def _setup_sql(graph: str) -> Iterator[str]:
            f"            PERFORM ag_catalog.create_elabel('{graph}', l.name);\n"
            "        END IF;\n    END LOOP;\nEND\n$setup$;\n")
     for label, key in age.VERTEX_KEYS.items():
-        t = _table(graph, label)
+        t = label_table(graph, label)
         yield (f'CREATE UNIQUE INDEX IF NOT EXISTS "{label.lower()}_{key}_uq" ON {t}'
                f" (ag_catalog.agtype_access_operator(properties, '\"{key}\"'::ag_catalog.agtype));\n")
         yield f'CREATE INDEX IF NOT EXISTS "{label.lower()}_props_gin" ON {t} USING gin (properties);\n'
     for label in age.EDGE_LABELS:
-        t = _table(graph, label)
+        t = label_table(graph, label)
         yield f'CREATE INDEX IF NOT EXISTS "{label.lower()}_start_idx" ON {t} (start_id);\n'
         yield f'CREATE INDEX IF NOT EXISTS "{label.lower()}_end_idx" ON {t} (end_id);\n'
 
