@@ -47,9 +47,13 @@ PAIRS = (("core.identities", "agent_metadata"), ("core.agent_state", "agent_stat
          ("audit.tool_usage", "tool_usage"), ("core.discoveries", "discoveries"), ("core.discovery_tags", "discovery_tags"))
 
 
+#: DB_DUAL_APPLY of the dual cells (--dual-apply).
+DUAL_APPLY = {"mode": "sync"}
+
+
 def settings(backend: str, sqlite_path: Path | None, pg_url: str | None, max_conn: int) -> Settings:
     env = {"DB_BACKEND": backend, "DB_POSTGRES_MIN_CONN": "1", "DB_POSTGRES_MAX_CONN": str(max_conn),
-           "DB_DUAL_READ_PRIMARY": "postgres"}
+           "DB_DUAL_READ_PRIMARY": "postgres", "DB_DUAL_APPLY": DUAL_APPLY["mode"]}
     if sqlite_path is not None:
         env["DB_SQLITE_PATH"] = str(sqlite_path)
     if pg_url is not None:
@@ -221,7 +225,8 @@ def markdown(r: dict[str, Any]) -> str:
              f" Python {m['python']}, {m['platform']}; load average at start {m.get('load_avg_at_start')}.", "",
              f"Command: `{r['command']}`", "",
              f"Writes through the Python API, {r['settings']['duration']} s per cell, mix of agent states, audit"
-             f" events, tool usage and discoveries (two tags) in equal parts; DB_POSTGRES_MAX_CONN"
+             f" events, tool usage and discoveries (two tags) in equal parts; DB_DUAL_APPLY"
+             f" {r['settings'].get('dual_apply', 'sync')}; DB_POSTGRES_MAX_CONN"
              f" {r['settings']['pg_max_conn']}.", "",
              "| backend | writers | writes/s | p50 ms | p99 ms | max ms | errors |",
              "|---|---:|---:|---:|---:|---:|---:|"]
@@ -280,6 +285,8 @@ async def main_async(args, admin: str | None, work: Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dual-apply", choices=("sync", "background"), default="sync",
+                    help="DB_DUAL_APPLY of the dual cells (default sync)")
     ap.add_argument("--backends", type=lambda s: [b for b in s.split(",") if b], default=["sqlite", "postgres", "dual"])
     ap.add_argument("--writers", type=lambda s: [int(w) for w in s.split(",") if w], default=[1, 16])
     ap.add_argument("--duration", type=float, default=10.0, help="seconds per cell (default 10)")
@@ -288,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--postgres", default=None, help="admin URL of a PostgreSQL (default: start one)")
     ap.add_argument("--out", type=Path, default=None, help="result file stem (default bench/results/dual-<date>)")
     args = ap.parse_args(argv)
+    DUAL_APPLY["mode"] = args.dual_apply
     work = Path(tempfile.mkdtemp(prefix="govdb-dual-"))
     try:
         need_pg = any(b != "sqlite" for b in args.backends) or args.outage_writes
