@@ -125,7 +125,8 @@ class PostgresDatabase(Database):
                 self._pool = await asyncpg.create_pool(
                     self._url.reveal(), min_size=self._min_conn, max_size=self._max_conn,
                     statement_cache_size=self._statement_cache, server_settings=server_settings,
-                    init=self._init_age_connection if graph_on else pgr.set_json_codecs)
+                    init=self._init_age_connection if graph_on else pgr.set_json_codecs,
+                    reset=_reset_connection)
             except Exception as exc:  # noqa: BLE001
                 raise self._map_error(exc, connecting=True) from exc
             self.supports_graph = graph_on
@@ -768,6 +769,15 @@ class PostgresDatabase(Database):
 
 
 # -- helpers --------------------------------------------------------------------
+
+async def _reset_connection(conn: asyncpg.Connection) -> None:
+    """What a released connection needs before its next use: only a transaction left open
+    ends. asyncpg's default (unlock advisory locks, close cursors, unlisten, RESET ALL: four
+    statements on every release) undoes state this backend never leaves on a pooled connection
+    (its advisory locks and settings are transaction-scoped, it never listens or keeps cursors)."""
+    if conn.is_in_transaction():
+        await conn.execute("ROLLBACK")
+
 
 async def _stored_version(conn: asyncpg.Connection) -> int | None:
     if not await conn.fetchval("SELECT to_regclass('core.schema_version') IS NOT NULL"):

@@ -35,7 +35,7 @@ from ..errors import ConflictError, GovdbError, NotFoundError
 from ..keys import generate_api_key
 from ..records import (
     DIALECTIC_STATUSES, DISCOVERY_STATUSES, EDGE_TYPES, IDENTITY_STATUSES, REGIMES,
-    RESPONSE_TYPES, DialecticSession, Identity, Session,
+    RESPONSE_TYPES, DialecticSession, Session,
 )
 
 log = logging.getLogger("govdb.server")
@@ -79,19 +79,22 @@ def jsonable(value: Any) -> Any:
     return value
 
 
-async def authenticate(db: Database, agent_id: str, api_key: str, field: str = "agent_id") -> Identity:
-    """Return the agent if ``api_key`` is its key; NotFoundError or AuthenticationError otherwise."""
+async def authenticate(db: Database, agent_id: str, api_key: str, field: str = "agent_id") -> None:
+    """Return when ``api_key`` is the agent's key; raise NotFoundError or AuthenticationError otherwise.
+
+    One read when the key is right (every call of an agent goes through here); the
+    agent is looked up only to tell an unknown agent from a wrong key.
+    """
     agent_id = v.ident(field, agent_id)
     key_field = "api_key" if field == "agent_id" else field.replace("agent_id", "api_key")
     v.text(key_field, api_key, max_len=v.MAX_SHORT_TEXT, allow_empty=False)
     if field == "agent_id":
         _note(agent_id)
-    ident = await db.get_identity(agent_id)
-    if ident is None:
+    if await db.verify_api_key(agent_id, api_key):
+        return
+    if await db.get_identity(agent_id) is None:
         raise NotFoundError("agent", agent_id)
-    if not await db.verify_api_key(agent_id, api_key):
-        raise AuthenticationError(f"{key_field} is not the key of agent {agent_id!r}")
-    return ident
+    raise AuthenticationError(f"{key_field} is not the key of agent {agent_id!r}")
 
 
 async def _audit(db: Database, result: Json, event_type: str, agent_id: str | None,
@@ -168,10 +171,11 @@ async def set_agent_status(db: Database, agent_id: str, api_key: str, status: st
     """Change an agent's status (active, paused, disabled, archived, deleted)."""
     v.choice("status", status, IDENTITY_STATUSES)
     v.opt_text("reason", reason, max_len=v.MAX_SHORT_TEXT)
-    before = await authenticate(db, agent_id, api_key)
+    await authenticate(db, agent_id, api_key)
+    before = await db.get_identity(agent_id)
     ident = await db.update_identity_status(agent_id, status, reason=reason)
     return await _audit(db, {"agent": jsonable(ident)}, "agent_status_changed", agent_id,
-                        {"from": before.status, "to": status, "reason": reason})
+                        {"from": before.status if before else None, "to": status, "reason": reason})
 
 
 async def get_lineage(db: Database, agent_id: str, max_depth: int = 64) -> Json:
