@@ -190,6 +190,15 @@ def postgres(url: str | None, data_dir: Path) -> Iterator[str]:
         subprocess.run([GOVDB, "pg", "stop", "--data-dir", str(data_dir)], stdout=subprocess.DEVNULL)
 
 
+def header(title: str, r: dict[str, Any]) -> list[str]:
+    """Return the first lines of a result file: title and time, the machine, the command."""
+    m = r["machine"]
+    return [f"# {title}, {r['when']}", "",
+            f"Machine: {m['cpus']} CPUs, {m.get('memory_gib', '?')} GiB, PostgreSQL {m.get('postgres', '-')},"
+            f" Python {m['python']}, {m['platform']}; load average at start {m.get('load_avg_at_start')}.", "",
+            f"Command: `{r['command']}`", ""]
+
+
 def write_results(stem: Path, result: dict[str, Any], markdown: str) -> None:
     """Write ``stem``.json and ``stem``.md."""
     stem.parent.mkdir(parents=True, exist_ok=True)

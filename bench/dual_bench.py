@@ -219,11 +219,7 @@ def goal(cells: list[dict]) -> dict[str, Any] | None:
 
 
 def markdown(r: dict[str, Any]) -> str:
-    m = r["machine"]
-    lines = [f"# Write benchmark (sqlite, postgres, dual), {r['when']}", "",
-             f"Machine: {m['cpus']} CPUs, {m.get('memory_gib', '?')} GiB, PostgreSQL {m.get('postgres', '-')},"
-             f" Python {m['python']}, {m['platform']}; load average at start {m.get('load_avg_at_start')}.", "",
-             f"Command: `{r['command']}`", "",
+    lines = c.header("Write benchmark (sqlite, postgres, dual)", r) + [
              f"Writes through the Python API, {r['settings']['duration']} s per cell, mix of agent states, audit"
              f" events, tool usage and discoveries (two tags) in equal parts; DB_DUAL_APPLY"
              f" {r['settings'].get('dual_apply', 'sync')}; DB_POSTGRES_MAX_CONN"

@@ -430,11 +430,7 @@ def _seed_discoveries(path: Path) -> list[str]:
 
 
 def markdown(r: dict[str, Any]) -> str:
-    m = r["machine"]
-    lines = [f"# Load benchmark, {r['when']}", "",
-             f"Machine: {m['cpus']} CPUs, {m.get('memory_gib', '?')} GiB, PostgreSQL {m.get('postgres', '-')},"
-             f" Python {m['python']}, {m['platform']}; load average at start {m.get('load_avg_at_start')}.", "",
-             f"Command: `{r['command']}`", "",
+    lines = c.header("Load benchmark", r) + [
              f"Settings: {r['settings']['clients']} closed-loop MCP clients (streamable HTTP) in"
              f" {r['settings']['client_procs']} processes, {r['settings']['duration']} s per cell after"
              f" {r['settings']['warmup']} s warm-up; mix 70 % check_in / 20 % reads / 10 % store_discovery;"
