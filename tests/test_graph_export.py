@@ -179,6 +179,19 @@ async def dump_graph(conn: asyncpg.Connection, graph: str) -> tuple[list, list]:
     return sorted(nodes), sorted(edges, key=repr)
 
 
+async def database_with_odd_data(make_db, *, graph_on: bool) -> str:
+    """Return the URL of a fresh database holding :func:`write_odd_data`'s rows, written with
+    the live graph on (the graph mirrors them) or off (tables only)."""
+    url = await make_db("postgres" if graph_on else "postgres-noage")
+    db = backend(url, graph_on=graph_on)
+    await db.connect()
+    try:
+        await write_odd_data(db)
+    finally:
+        await db.close()
+    return url
+
+
 async def write_odd_data(db: PostgresDatabase) -> None:
     """Agents, discoveries, tags, links and a dialectic session keyed by the odd ids."""
     await db.create_identity("root", api_key="k", tags=["shared", ODD[0]])
@@ -261,13 +274,7 @@ def _subset(got: dict[str, set], want: dict[str, set]) -> None:
 
 @pytest.mark.backends("postgres")
 async def test_bulk_load_is_identical_to_live_writes(config, make_db):
-    url = await make_db("postgres")
-    db = backend(url, graph_on=True)
-    await db.connect()
-    try:
-        await write_odd_data(db)
-    finally:
-        await db.close()
+    url = await database_with_odd_data(make_db, graph_on=True)
     conn = await connect(url)
     try:
         added = await load_graph(conn, "govcopy")
@@ -320,13 +327,7 @@ async def test_bulk_load_during_live_writes_duplicates_nothing(config, make_db):
 
 @pytest.mark.backends("postgres")
 async def test_bulk_load_is_idempotent_and_matches_per_statement_load(config, make_db):
-    url = await make_db("postgres")
-    db = backend(url, graph_on=True)
-    await db.connect()
-    try:
-        await write_odd_data(db)
-    finally:
-        await db.close()
+    url = await database_with_odd_data(make_db, graph_on=True)
     conn = await connect(url)
     try:
         await load_graph(conn, "govbulk")
@@ -342,13 +343,7 @@ async def test_bulk_load_is_idempotent_and_matches_per_statement_load(config, ma
 @pytest.mark.backends("postgres")
 async def test_bulk_load_then_live_writes_share_the_graph(config, make_db):
     """Rows written with the graph off, bulk-loaded; then the live backend writes into that graph."""
-    url = await make_db("postgres-noage")
-    db = backend(url, graph_on=False)
-    await db.connect()
-    try:
-        await write_odd_data(db)
-    finally:
-        await db.close()
+    url = await database_with_odd_data(make_db, graph_on=False)
     added = await load_graph(url, "governance")  # creates extension, graph, labels, indexes
     assert added["Agent"] == len(ODD) + 1 and added["HAS_TAG"] > 0
     db = backend(url, graph_on=True)
@@ -378,13 +373,7 @@ async def test_bulk_load_then_live_writes_share_the_graph(config, make_db):
 
 @pytest.mark.backends("postgres")
 async def test_injection_ids_round_trip_through_the_bulk_load(config, make_db):
-    url = await make_db("postgres-noage")
-    db = backend(url, graph_on=False)
-    await db.connect()
-    try:
-        await write_odd_data(db)
-    finally:
-        await db.close()
+    url = await database_with_odd_data(make_db, graph_on=False)
     await load_graph(SecretUrl(url), "governance")
     conn = await connect(url)
     try:
