@@ -49,6 +49,18 @@ _CLOSING_PHASE = {"resolved": "resolved", "escalated": "escalated", "failed": "f
 _MISSING = "missing"
 
 
+def _keyed(table: str, r: Row, *columns: str) -> Outcome:
+    """Return the row's Outcome keyed by ``columns``, quarantined ("bad-key") when one of them
+    holds no usable key (the first such column is named)."""
+    key = tuple(r.get(c) for c in columns)
+    out = Outcome(table, r, key, None, [])
+    for col, v in zip(columns, key):
+        bad = _key(v)
+        if bad:
+            return out.quarantine(f"{col} {bad}", "bad-key")
+    return out
+
+
 class Cleaner:
     """Turn legacy rows into PostgreSQL rows; naive timestamps are read in ``source_tz``."""
 
@@ -146,12 +158,10 @@ class Cleaner:
     # -- tables -------------------------------------------------------------
 
     def _identity(self, r: Row) -> Outcome:
-        rep: list[Repair] = []
-        agent_id = r.get("agent_id")
-        out = Outcome("agent_metadata", r, (agent_id,), None, rep)
-        bad = _key(agent_id)
-        if bad:
-            return out.quarantine(f"agent_id {bad}", "bad-key")
+        out = _keyed("agent_metadata", r, "agent_id")
+        if not out.ok:
+            return out
+        rep, (agent_id,) = out.repairs, out.key
         raw_key = r.get("api_key")
         if raw_key is None:
             key_hash = NO_KEY_HASH
@@ -285,12 +295,10 @@ class Cleaner:
                 state[x] = 2
 
     def _session(self, r: Row) -> Outcome:
-        rep: list[Repair] = []
-        sid = r.get("session_id")
-        out = Outcome("session_identities", r, (sid,), None, rep)
-        bad = _key(sid)
-        if bad:
-            return out.quarantine(f"session_id {bad}", "bad-key")
+        out = _keyed("session_identities", r, "session_id")
+        if not out.ok:
+            return out
+        rep, (sid,) = out.repairs, out.key
         agent = r.get("agent_id")
         why = self._reference("agent_id", agent, "agent", self.context.agents)
         if why:
@@ -457,12 +465,10 @@ class Cleaner:
         return out
 
     def _discovery(self, r: Row) -> Outcome:
-        rep: list[Repair] = []
-        did = r.get("id")
-        out = Outcome("discoveries", r, (did,), None, rep)
-        bad = _key(did)
-        if bad:
-            return out.quarantine(f"id {bad}", "bad-key")
+        out = _keyed("discoveries", r, "id")
+        if not out.ok:
+            return out
+        rep, (did,) = out.repairs, out.key
         agent = r.get("agent_id")
         why = self._reference("agent_id", agent, "agent", self.context.agents)
         if why:
@@ -494,15 +500,10 @@ class Cleaner:
         return out
 
     def _tag(self, r: Row) -> Outcome:
-        rep: list[Repair] = []
-        did, tag = r.get("discovery_id"), r.get("tag")
-        out = Outcome("discovery_tags", r, (did, tag), None, rep)
-        bad = _key(did)
-        if bad:
-            return out.quarantine(f"discovery_id {bad}", "bad-key")
-        bad = _key(tag)
-        if bad:
-            return out.quarantine(f"tag {bad}", "bad-key")
+        out = _keyed("discovery_tags", r, "discovery_id", "tag")
+        if not out.ok:
+            return out
+        did, tag = out.key
         why = self._missing("discovery", self.context.discoveries, did)
         if why:
             return out.quarantine(why, "orphan")
@@ -510,13 +511,10 @@ class Cleaner:
         return out
 
     def _edge(self, r: Row) -> Outcome:
-        rep: list[Repair] = []
-        src, dst, etype = r.get("src_id"), r.get("dst_id"), r.get("edge_type")
-        out = Outcome("discovery_edges", r, (src, dst, etype), None, rep)
-        for col, v in (("src_id", src), ("dst_id", dst), ("edge_type", etype)):
-            bad = _key(v)
-            if bad:
-                return out.quarantine(f"{col} {bad}", "bad-key")
+        out = _keyed("discovery_edges", r, "src_id", "dst_id", "edge_type")
+        if not out.ok:
+            return out
+        rep, (src, dst, etype) = out.repairs, out.key
         if etype not in EDGE_TYPES:
             return out.quarantine(f"edge_type {_show(etype)} is not one of {', '.join(EDGE_TYPES)}", "unknown-value")
         for v in (src, dst):
@@ -535,12 +533,10 @@ class Cleaner:
         return out
 
     def _dialectic_session(self, r: Row) -> Outcome:
-        rep: list[Repair] = []
-        sid = r.get("session_id")
-        out = Outcome("dialectic_sessions", r, (sid,), None, rep)
-        bad = _key(sid)
-        if bad:
-            return out.quarantine(f"session_id {bad}", "bad-key")
+        out = _keyed("dialectic_sessions", r, "session_id")
+        if not out.ok:
+            return out
+        rep, (sid,) = out.repairs, out.key
         paused = r.get("paused_agent_id")
         why = self._reference("paused_agent_id", paused, "agent", self.context.agents)
         if why:
