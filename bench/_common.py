@@ -206,6 +206,14 @@ def write_results(stem: Path, result: dict[str, Any], markdown: str) -> None:
     stem.with_suffix(".md").write_text(markdown)
 
 
+def publish(out: Path | None, name: str, result: dict[str, Any], markdown: str) -> int:
+    """Write the result to ``out`` (default bench/results/<name>-<date>) and print it; return 0."""
+    write_results(out or Path(__file__).resolve().parent / "results" / f"{name}-{time.strftime('%Y%m%d')}",
+                  result, markdown)
+    print(markdown)
+    return 0
+
+
 def fmt(x: Any) -> str:
     if x is None:
         return "-"

@@ -299,11 +299,7 @@ def main(argv: list[str] | None = None) -> int:
             result = asyncio.run(main_async(args, admin, work))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    stem = args.out or HERE / "results" / f"dual-{time.strftime('%Y%m%d')}"
-    md = markdown(result)
-    c.write_results(stem, result, md)
-    print(md)
-    return 0
+    return c.publish(args.out, "dual", result, markdown(result))
 
 
 def _none():

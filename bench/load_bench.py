@@ -571,11 +571,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"work directory kept: {work}", file=sys.stderr)
         else:
             shutil.rmtree(work, ignore_errors=True)
-    stem = args.out or HERE / "results" / f"load-{time.strftime('%Y%m%d')}"
-    md = markdown(result)
-    c.write_results(stem, result, md)
-    print(md)
-    return 0
+    return c.publish(args.out, "load", result, markdown(result))
 
 
 if __name__ == "__main__":
