@@ -265,3 +265,24 @@ def throwaway_postgres(tmp_path_factory):
         yield server.url, data_dir, port
     finally:
         localpg.stop(data_dir)
+
+
+def generate_legacy_file(path: Path, scale: float) -> Path:
+    """Write a legacy governance.db with bench/generate_legacy.py (every dirty case included)."""
+    import sys
+    sys.path.insert(0, str(REPO / "bench"))
+    from generate_legacy import generate
+    generate(path, scale=scale, dirty=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def dirty_legacy_template(tmp_path_factory) -> Path:
+    """A small dirty legacy file (scale 0.002), made once per run. Never write to it: copy it."""
+    return generate_legacy_file(tmp_path_factory.mktemp("legacy") / "dirty.db", 0.002)
+
+
+def copy_of(template: Path, directory: Path, name: str = "governance.db") -> Path:
+    """Return a copy of ``template`` in ``directory`` (a test may change its copy)."""
+    import shutil
+    return Path(shutil.copy(template, directory / name))

@@ -22,7 +22,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from conftest import with_database
+from conftest import copy_of, generate_legacy_file, with_database
 from govdb.backends.postgres import PostgresDatabase
 from govdb.backends.sqlite import SQLiteDatabase
 from govdb.config import SecretUrl
@@ -40,23 +40,9 @@ PG_COUNT = {  # legacy table -> how to count its rows in PostgreSQL
 }
 
 
-def _generate(path: Path, scale: float) -> Path:
-    sys.path.insert(0, str(REPO / "bench"))
-    from generate_legacy import generate
-    generate(path, scale=scale, dirty=True)
-    return path
-
-
-@pytest.fixture(scope="session")
-def dirty_template(tmp_path_factory) -> Path:
-    return _generate(tmp_path_factory.mktemp("legacy") / "dirty.db", 0.002)
-
-
 @pytest.fixture
-def legacy_db(dirty_template, tmp_path) -> Path:
-    path = tmp_path / "governance.db"
-    shutil.copy(dirty_template, path)
-    return path
+def legacy_db(dirty_legacy_template, tmp_path) -> Path:
+    return copy_of(dirty_legacy_template, tmp_path)
 
 
 async def _create_db(pg_server, template: str | None) -> str:
@@ -524,7 +510,7 @@ async def kill_mid_audit_events(pg_url: str, args: list[str], *, rows_read: int)
 
 
 async def test_kill_and_resume_loses_nothing_and_duplicates_nothing(tmp_path, pg_url):
-    path = _generate(tmp_path / "big.db", 0.02)
+    path = generate_legacy_file(tmp_path / "big.db", 0.02)
     args = ["--sqlite", str(path), "--postgres", pg_url, "--batch-size", "100"]
     proc = await kill_mid_audit_events(pg_url, args, rows_read=3_000)
     assert proc.returncode == -signal.SIGKILL
@@ -625,7 +611,7 @@ async def test_deferred_indexes_keep_their_definitions_and_cover_new_partitions(
 
 async def test_a_run_killed_while_indexes_are_deferred_builds_them_again(tmp_path, pg_url):
     original = await index_definitions(pg_url)
-    path = _generate(tmp_path / "big.db", 0.02)
+    path = generate_legacy_file(tmp_path / "big.db", 0.02)
     args = ["--sqlite", str(path), "--postgres", pg_url, "--batch-size", "100"]
     await kill_mid_audit_events(pg_url, args, rows_read=2_000)  # its indexes dropped
     deferred = {r[0]: r[1] for r in await fetch(pg_url, "SELECT index_name, definition FROM migrate.deferred_indexes")}

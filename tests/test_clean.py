@@ -10,13 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
-import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
 
+from conftest import copy_of
 from govdb import legacy
 from govdb.backends.base import audit_hash
 from govdb.convert import legacy_uuid
@@ -387,12 +387,8 @@ def test_raw_text_is_lossless_json_valid_utf8():
 # -- the whole generated dirty file ---------------------------------------------------
 
 @pytest.fixture(scope="module")
-def dirty_file(tmp_path_factory) -> Path:
-    sys.path.insert(0, str(REPO / "bench"))
-    from generate_legacy import generate
-    path = tmp_path_factory.mktemp("clean") / "governance.db"
-    generate(path, scale=0.002, dirty=True)
-    return path
+def dirty_file(dirty_legacy_template, tmp_path_factory) -> Path:
+    return copy_of(dirty_legacy_template, tmp_path_factory.mktemp("clean"))
 
 
 def test_every_row_of_the_dirty_file_is_migrated_or_quarantined(dirty_file):

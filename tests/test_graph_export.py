@@ -22,7 +22,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from conftest import postgres_required, with_database
+from conftest import copy_of, postgres_required, with_database
 from govdb.backends import age
 from govdb.backends.postgres import PostgresDatabase
 from govdb.config import SecretUrl
@@ -419,12 +419,8 @@ async def test_injection_ids_round_trip_through_the_sql_file(config, make_db, tm
 
 
 @pytest.fixture(scope="module")
-def dirty_legacy(tmp_path_factory) -> Path:
-    sys.path.insert(0, str(REPO / "bench"))
-    from generate_legacy import generate
-    path = tmp_path_factory.mktemp("graph") / "dirty.db"
-    generate(path, scale=0.002, dirty=True)
-    return path
+def dirty_legacy(dirty_legacy_template, tmp_path_factory) -> Path:
+    return copy_of(dirty_legacy_template, tmp_path_factory.mktemp("graph"))
 
 
 @pytest.mark.backends("postgres")

@@ -23,7 +23,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from conftest import with_database
+from conftest import copy_of, with_database
 from govdb.config import SecretUrl, Settings
 from govdb.migrate.backfill import backfill
 from govdb.migrate.checksums import (
@@ -194,12 +194,8 @@ async def _migrate(url: str, path: Path, *, graph: bool = True) -> None:
 
 
 @pytest.fixture(scope="module")
-def legacy_file(tmp_path_factory) -> Path:
-    sys.path.insert(0, str(REPO / "bench"))
-    from generate_legacy import generate
-    path = tmp_path_factory.mktemp("verify") / "governance.db"
-    generate(path, scale=0.002, dirty=True)
-    return path
+def legacy_file(dirty_legacy_template, tmp_path_factory) -> Path:
+    return copy_of(dirty_legacy_template, tmp_path_factory.mktemp("verify"))
 
 
 @pytest.fixture(scope="module")
