@@ -286,18 +286,16 @@ class Applier:
                 " FROM unnest($1::text[]) AS k ORDER BY 1) AS s",
                 [f"govdb:dual:{t}:{_key_text(k)}" for t, k in keys])
             rows = await self.sqlite._read(read_rows, keys)
-            if self.pg.supports_graph:
-                # Tag nodes are shared between keys: every name this batch may add or drop is
-                # locked now, in one order, so batches and single writes never wait in a cycle.
-                await lock_tags(conn, await self._tag_names(conn, keys, rows))
+            had = await self._lock_tags(conn, keys, rows) if self.pg.supports_graph else {}
             for table, key in keys:
                 row, tags = rows[(table, _key_text(key))]
+                old = had.get((table, key), [])
                 if len(keys) == 1:
-                    await self._apply_row(conn, table, key, row, tags)
+                    await self._apply_row(conn, table, key, row, tags, old)
                     continue
                 if not careful:
                     try:
-                        await self._apply_row(conn, table, key, row, tags)
+                        await self._apply_row(conn, table, key, row, tags, old)
                     except Exception as exc:  # noqa: BLE001 - classified right here
                         if is_transient(exc):
                             raise
@@ -305,15 +303,18 @@ class Applier:
                     continue
                 try:
                     async with conn.transaction():  # a savepoint: one bad row leaves the others
-                        await self._apply_row(conn, table, key, row, tags)
+                        await self._apply_row(conn, table, key, row, tags, old)
                 except Exception as exc:  # noqa: BLE001 - classified right here
                     if is_transient(exc):
                         raise
                     failed[(table, key)] = describe(exc)
 
-    async def _tag_names(self, conn: asyncpg.Connection, keys: Sequence[tuple[str, tuple[Any, ...]]],
-                         rows: dict[tuple[str, str], Any]) -> list[str]:
-        """Return the Tag names the keys' nodes have now and will have after their rows are applied."""
+    async def _lock_tags(self, conn: asyncpg.Connection, keys: Sequence[tuple[str, tuple[Any, ...]]],
+                         rows: dict[tuple[str, str], Any]) -> dict[tuple[str, tuple[Any, ...]], list[str]]:
+        """Lock every Tag name the keys' nodes have now or will have after their rows are applied,
+        in one order (Tag nodes are shared between keys: batches and single writes never wait in a
+        cycle); return the names each tagged key's node has now."""
+        had: dict[tuple[str, tuple[Any, ...]], list[str]] = {}
         names: set[str] = set()
         cleaner = Cleaner(context=Context())
         tags_at = TARGETS["agent_metadata"].columns.index("tags")
@@ -321,7 +322,8 @@ class Applier:
             label = _TAGGED.get(table)
             if label is None:
                 continue
-            names.update(await node_tags(conn, self.graph, label, key[0]))
+            had[(table, key)] = await node_tags(conn, self.graph, label, key[0])
+            names.update(had[(table, key)])
             row, tag_rows = rows[(table, _key_text(key))]
             if row is None:
                 continue
@@ -330,10 +332,12 @@ class Applier:
                 names.update(out.values[tags_at] or () if out.ok else ())  # type: ignore[index]
             else:
                 names.update(t.values[1] for t in (cleaner.clean("discovery_tags", r) for r in tag_rows) if t.ok)
-        return sorted(n for n in names if isinstance(n, str))
+        await lock_tags(conn, sorted(n for n in names if isinstance(n, str)))
+        return had
 
     async def _apply_row(self, conn: asyncpg.Connection, table: str, key: tuple[Any, ...],
-                         row: dict[str, Any] | None, tags: list[dict[str, Any]]) -> None:
+                         row: dict[str, Any] | None, tags: list[dict[str, Any]], old_tags: list[str]) -> None:
+        """Copy one row (and its graph) to PostgreSQL; ``old_tags``: its node's Tag names before."""
         if row is None:
             return  # not in SQLite (nothing to copy)
         cleaner = Cleaner(context=Context())
@@ -390,9 +394,11 @@ class Applier:
         else:  # discovery_edges: the key is the whole identity, the row never changes
             await conn.execute(f"INSERT INTO {into} ({cols}) VALUES ({marks}) ON CONFLICT DO NOTHING", *values)
         if self.pg.supports_graph:
-            await self._sync_graph(conn, table, key)
+            await self._sync_graph(conn, table, key, old_tags)
 
-    async def _sync_graph(self, conn: asyncpg.Connection, table: str, key: tuple[Any, ...]) -> None:
+    async def _sync_graph(self, conn: asyncpg.Connection, table: str, key: tuple[Any, ...],
+                          old_tags: list[str]) -> None:
+        """Bring the key's nodes and edges in step (its Tag names are locked: :meth:`_lock_tags`)."""
         if self._graph_sql is None:
             self._graph_sql = graph_statements(self.graph)
         name = f"{table}:{key[2]}" if table == "discovery_edges" else table
@@ -400,16 +406,11 @@ class Applier:
         if not statements:
             return
         args = list(key)
-        label = _TAGGED.get(table)
-        old: list[str] = []
-        if label is not None:  # Tag nodes are shared: lock the names before adding or dropping any
-            old = await node_tags(conn, self.graph, label, key[0])
-            await lock_tags(conn, [*old, *(r[0] for r in await conn.fetch(_TAGS_NOW[table], key[0]))])
         for sql in statements:
             used = max(int(n) for n in _params(sql))
             await conn.execute(sql, *args[:used])
-        if old:
-            await drop_unused_tags(conn, self.graph, old)
+        if old_tags:
+            await drop_unused_tags(conn, self.graph, old_tags)
 
     async def _column_types(self, conn: asyncpg.Connection, table: str, columns: Sequence[str]) -> list[str]:
         types = self._types.get(table)
@@ -421,12 +422,8 @@ class Applier:
         return types
 
 
-#: Legacy tables whose rows carry tags in the graph, the node's label, and their tags now.
+#: Legacy tables whose rows carry tags in the graph, and the label of their node.
 _TAGGED = {"agent_metadata": "Agent", "discoveries": "Discovery"}
-_TAGS_NOW = {
-    "agent_metadata": "SELECT DISTINCT t FROM core.identities, unnest(tags) AS t WHERE agent_id = $1 AND t IS NOT NULL",
-    "discoveries": "SELECT tag FROM core.discovery_tags WHERE discovery_id = $1",
-}
 
 
 def _params(sql: str) -> list[str]:
