@@ -207,31 +207,20 @@ async def _outcome(coro: Any) -> Any:
 # -- helpers ----------------------------------------------------------------------------
 
 def _sqlite_counts(settings: Settings) -> dict[str, int]:
-    from .migrate.source import quote_ident
-    out: dict[str, int] = {}
-    try:
-        with outbox._open(settings.sqlite_path) as conn:
-            have = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-            for t in TARGETS:
-                if t in have:
-                    out[t] = conn.execute(f"SELECT count(*) FROM {quote_ident(t)}").fetchone()[0]
-    except sqlite3.Error as exc:
-        raise StoreUnavailableError(f"cannot read {settings.sqlite_path} ({exc})") from exc
-    return out
+    from .ops.status import sqlite_counts
+    return sqlite_counts(settings.sqlite_path)
 
 
-async def _postgres_counts(settings: Settings) -> dict[str, int] | GovdbError:
-    from .migrate.source import quote_qualified
-    pg = PostgresDatabase.from_settings(settings)
+async def _postgres_counts(settings: Settings) -> dict[str, int | None] | GovdbError:
+    """Rows per legacy table's PostgreSQL target (None: the table is missing), or the error."""
+    from .ops import connect
+    from .ops.status import postgres_counts
     try:
-        await pg.connect()
-        async with pg.acquire() as conn:
-            return {t: await conn.fetchval(f"SELECT count(*) FROM {quote_qualified(target.table)}")
-                    for t, target in TARGETS.items()}
+        async with connect(settings, "govdb-dual-status") as conn:
+            counts = await postgres_counts(conn)
     except GovdbError as exc:
         return exc
-    finally:
-        await pg.close()
+    return {t: counts.get(target.table) for t, target in TARGETS.items()}
 
 
 def _parked_table(entries: list[outbox.Entry]) -> Table:
