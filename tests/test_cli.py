@@ -29,6 +29,17 @@ def test_demo_on_default_sqlite_writes_and_reads_every_record(tmp_path: Path):
     assert "version 2" in again.stdout  # calibration moved on; earlier rows kept
 
 
+def test_sqlite_only_install_runs_without_asyncpg(tmp_path: Path):
+    """A SQLite-only user never needs asyncpg: the CLI starts and the demo runs with it unimportable."""
+    no_asyncpg = [sys.executable, "-c", "import sys; sys.modules['asyncpg'] = None;"
+                  " from govdb.cli import main; main(sys.argv[1:])"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DB_")}
+    for args in (["--help"], ["demo"], ["status"]):
+        out = subprocess.run(no_asyncpg + args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, (args, out.stderr)
+    assert (tmp_path / "data" / "governance.db").exists()
+
+
 def test_bad_setting_is_one_clear_line(tmp_path: Path):
     out = run(["health"], {"DB_BACKEND": "postgres", "DB_POSTGRES_URL": "postgresql://u:hunter2@h:99999/x"}, tmp_path)
     assert out.returncode == 1

@@ -12,9 +12,6 @@ from rich.progress import Progress, SpinnerColumn, TextColumn
 from rich.table import Table
 
 from .backends import outbox, shadow
-from .backends.dual import DualDatabase
-from .backends.postgres import PostgresDatabase
-from .backends.sqlite import SQLiteDatabase
 from .config import Settings
 from .errors import GovdbError, StoreUnavailableError
 from .migrate.targets import TARGETS
@@ -26,7 +23,7 @@ err_console = Console(stderr=True)
 def replay(settings: Settings, *, progress: bool = True) -> int:
     """Apply the queued dual writes to PostgreSQL now; exit 2 when parked writes remain."""
     async def go() -> Any:
-        db = DualDatabase.from_settings(settings)
+        db = _dual(settings)
         await db.connect()
         try:
             with Progress(SpinnerColumn(), TextColumn("{task.description}"), console=err_console,
@@ -105,7 +102,7 @@ def parked(settings: Settings, *, as_json: bool = False) -> int:
 def retry_parked(settings: Settings, seq: int | None = None, *, drop: bool = False) -> int:
     """Put parked writes (all, or one by its #) back in the queue and replay; --drop deletes them instead."""
     async def go() -> tuple[int, Any]:
-        db = DualDatabase.from_settings(settings)
+        db = _dual(settings)
         await db.connect()
         try:
             if drop:
@@ -148,6 +145,8 @@ def compare(settings: Settings, *, as_json: bool = False, sample: int = 20) -> i
 
 
 async def _compare(settings: Settings, sample: int) -> list[tuple[str, str, bool]]:
+    from .backends.postgres import PostgresDatabase
+    from .backends.sqlite import SQLiteDatabase
     lite, pg = SQLiteDatabase(settings.sqlite_path), PostgresDatabase.from_settings(settings)
     await lite.connect()
     try:
@@ -205,6 +204,12 @@ async def _outcome(coro: Any) -> Any:
 
 
 # -- helpers ----------------------------------------------------------------------------
+
+def _dual(settings: Settings) -> Any:
+    # Imported when a command runs: the CLI starts without asyncpg (a SQLite-only install).
+    from .backends.dual import DualDatabase
+    return DualDatabase.from_settings(settings)
+
 
 def _sqlite_counts(settings: Settings) -> dict[str, int]:
     from .ops.status import sqlite_counts
