@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import resource
 import json
 import os
 import platform
@@ -28,7 +29,7 @@ import asyncpg
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import drop_db, fresh_db  # noqa: E402
+from _common import drop_db, fresh_db, local_postmaster, pg_facts, tree_cpu_seconds  # noqa: E402
 from generate_legacy import generate  # noqa: E402
 
 from govdb.migrate.backfill import backfill  # noqa: E402
@@ -36,6 +37,31 @@ from govdb.migrate.graph import graph_counts, load_graph, load_graph_per_stateme
 from govdb.migrate.verify import verify  # noqa: E402
 
 GRAPH = "governance"
+
+
+class CpuMeter:
+    """CPU seconds a step used: this process and its reaped children (backfill workers,
+    pgloader), and the local PostgreSQL's processes (None for a server elsewhere)."""
+
+    def __init__(self, postmaster: int | None):
+        self.postmaster = postmaster
+
+    @staticmethod
+    def _client() -> float:
+        return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
+                                                    resource.getrusage(resource.RUSAGE_CHILDREN)))
+
+    def __enter__(self) -> "CpuMeter":
+        self._c0 = self._client()
+        self._p0 = tree_cpu_seconds(self.postmaster) if self.postmaster else None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.client = round(self._client() - self._c0, 1)
+        self.postgres = None if self._p0 is None else round(tree_cpu_seconds(self.postmaster) - self._p0, 1)
+
+    def as_dict(self) -> dict:
+        return {"client_cpu_s": self.client, "postgres_cpu_s": self.postgres}
 
 
 def timed(fn, *args, **kw):
@@ -119,9 +145,9 @@ async def main_async(args) -> dict:
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
         "scale": args.scale, "dirty": args.dirty,
     }
-    conn = await asyncpg.connect(admin)
-    result["machine"]["postgres"] = await conn.fetchval("SHOW server_version")
-    await conn.close()
+    facts = await pg_facts(admin)
+    result["machine"]["postgres"] = facts["version"]
+    postmaster = local_postmaster(facts["postmaster_pid"])
     try:
         src = work / "governance.db"
         counts, result["generate_seconds"] = timed(generate, src, scale=args.scale, dirty=args.dirty)
@@ -131,7 +157,9 @@ async def main_async(args) -> dict:
 
         if not args.skip_pgloader:
             url = await fresh_db(admin, "bench_pgloader")
-            result["pgloader"] = run_pgloader(src, url)
+            with CpuMeter(postmaster) as cpu:
+                result["pgloader"] = run_pgloader(src, url)
+            result["pgloader"].update(cpu.as_dict())
             loaded = await pg_table_counts(url)
             result["pgloader"]["rows_loaded"] = loaded
             result["pgloader"]["rows_lost"] = {t: counts[t] - loaded.get(t, 0) for t in counts
@@ -140,12 +168,14 @@ async def main_async(args) -> dict:
             print(f"pgloader: {result['pgloader'].get('seconds')} s", flush=True)
 
         url = await fresh_db(admin, "bench_govdb")
-        report, secs = await atimed(backfill(url, src, progress=False))
+        with CpuMeter(postmaster) as cpu:
+            report, secs = await atimed(backfill(url, src, progress=False))
         result["backfill"] = {
-            "seconds": round(secs, 2), "rows_per_second": round(report.source_rows / secs),
+            "seconds": round(secs, 2), "rows_per_second": round(report.source_rows / secs), **cpu.as_dict(),
             "reconciled": report.reconciled,
             "tables": {t.table: {"source": t.source_rows, "migrated": t.migrated, "quarantined": t.quarantined,
                                  "repaired": t.repaired, "seconds": round(t.seconds, 2)} for t in report.tables},
+            "notes": report.notes,  # among them the deferred index builds and their times
         }
         print(f"backfill: {secs:.1f} s", flush=True)
         _, result["backfill_rerun_seconds"] = await atimed(backfill(url, src, progress=False))
@@ -156,8 +186,9 @@ async def main_async(args) -> dict:
         finally:
             await conn.close()
         print(f"graph bulk load: {secs:.1f} s", flush=True)
-        rep, secs = await atimed(verify(url, src, graph=True, graph_name=GRAPH))
-        result["verify"] = {"seconds": round(secs, 2), "ok": rep.ok}
+        with CpuMeter(postmaster) as cpu:
+            rep, secs = await atimed(verify(url, src, graph=True, graph_name=GRAPH))
+        result["verify"] = {"seconds": round(secs, 2), "ok": rep.ok, **cpu.as_dict()}
         print(f"verify: {secs:.1f} s ok={rep.ok}", flush=True)
         await drop_db(admin, "bench_govdb")
 
@@ -172,22 +203,31 @@ def markdown(r: dict) -> str:
     lines = [f"Migration benchmark, {r['when']}: {r['machine']['cpus']} CPUs, PostgreSQL {r['machine']['postgres']},"
              f" Python {r['machine']['python']}; source {r['source_total']:,} rows (scale {r['scale']},"
              f" dirty rows: {'yes' if r['dirty'] else 'no'}).", "",
-             "| step | seconds | note |", "|---|---:|---|"]
+             "| step | seconds | client CPU s | PostgreSQL CPU s | note |", "|---|---:|---:|---:|---|"]
     pg = r.get("pgloader")
     if pg and "seconds" in pg:
         lost = ", ".join(f"{t} {n:,}" for t, n in pg["rows_lost"].items()) or "none"
-        lines.append(f"| pgloader (prefetch rows = 10000) | {pg['seconds']} | exit {pg['exit_status']}; rows lost: {lost} |")
+        lines.append(f"| pgloader (prefetch rows = 10000) | {pg['seconds']} | {_cpu(pg)} | exit {pg['exit_status']};"
+                     f" rows lost: {lost} |")
     b = r["backfill"]
-    lines.append(f"| govdb backfill | {b['seconds']} | {b['rows_per_second']:,} rows/s; reconciled: {b['reconciled']} |")
-    lines.append(f"| govdb backfill, second run (idempotent) | {round(r['backfill_rerun_seconds'], 2)} | |")
-    lines.append(f"| graph bulk load | {r['graph_bulk']['seconds']} | {sum(r['graph_bulk']['added'].values()):,} nodes+edges |")
-    lines.append(f"| verify | {r['verify']['seconds']} | ok: {r['verify']['ok']} |")
+    lines.append(f"| govdb backfill | {b['seconds']} | {_cpu(b)} | {b['rows_per_second']:,} rows/s;"
+                 f" reconciled: {b['reconciled']} |")
+    lines.append(f"| govdb backfill, second run (idempotent) | {round(r['backfill_rerun_seconds'], 2)} | - | - | |")
+    lines.append(f"| graph bulk load | {r['graph_bulk']['seconds']} | - | - |"
+                 f" {sum(r['graph_bulk']['added'].values()):,} nodes+edges |")
+    lines.append(f"| verify | {r['verify']['seconds']} | {_cpu(r['verify'])} | ok: {r['verify']['ok']} |")
+    lines += ["", "Backfill notes:", ""] + [f"- {n}" for n in b.get("notes", [])]
     if r.get("graph_sizes"):
         lines += ["", "| discoveries | bulk load s | per-statement s | speedup | nodes+edges |", "|---:|---:|---:|---:|---:|"]
         for g in r["graph_sizes"]:
             lines.append(f"| {g['discoveries']:,} | {g['bulk_seconds']} | {g.get('per_statement_seconds', '-')} |"
                          f" {g.get('speedup', '-')} | {g['nodes_and_edges']:,} |")
     return "\n".join(lines) + "\n"
+
+
+def _cpu(step: dict) -> str:
+    pg = step.get("postgres_cpu_s")
+    return f"{step.get('client_cpu_s', '-')} | {'-' if pg is None else pg}"
 
 
 def default_postgres() -> str | None:
