@@ -17,7 +17,7 @@ import asyncio
 import os
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator
 from urllib.parse import urlsplit, urlunsplit
@@ -27,7 +27,8 @@ import pytest
 from govdb.config import SecretUrl, Settings
 
 REPO = Path(__file__).resolve().parent.parent
-#: dual: SQLite + PostgreSQL (AGE), reads from PostgreSQL; dual-sqlite-read: reads from SQLite.
+#: dual: SQLite + PostgreSQL (AGE), reads from PostgreSQL, writes applied behind (DB_DUAL_APPLY
+#: background, the default); dual-sqlite-read: reads from SQLite, writes applied before they return (sync).
 DUAL_CONFIGS = ("dual", "dual-sqlite-read")
 ALL_CONFIGS = ("sqlite", "postgres", "postgres-noage", *DUAL_CONFIGS)
 _BY_BACKEND = {
@@ -101,6 +102,7 @@ def settings_for(config: str, *, tmp_path: Path | None = None, pg_url: str | Non
         env["DB_AGE_ENABLED"] = "0"
     if config == "dual-sqlite-read":
         env["DB_DUAL_READ_PRIMARY"] = "sqlite"
+        env["DB_DUAL_APPLY"] = "sync"
     env["DB_AGE_GRAPH"] = "governance"
     return Settings.from_env(env)
 
@@ -182,16 +184,26 @@ class Store:
     settings: Settings
     pg_server: PgServer | None = None
     dbname: str | None = None
+    opened: list[Any] = field(default_factory=list)
 
     async def open(self):
         from govdb.backends import create_backend
         db = create_backend(self.settings)
         await db.connect()
+        self.opened.append(db)
         return db
+
+    async def _settled(self) -> None:
+        """Wait until the dual backends opened here applied their acknowledged writes to
+        PostgreSQL (DB_DUAL_APPLY=background), so a look straight into it sees them."""
+        for db in self.opened:
+            if hasattr(db, "flush"):
+                await db.flush()
 
     async def execute(self, script: str) -> None:
         """Run SQL statements straight on the underlying PostgreSQL store."""
         import asyncpg
+        await self._settled()
         conn = await asyncpg.connect(self.settings.postgres_url.reveal())
         try:
             await conn.execute(script)
@@ -206,6 +218,7 @@ class Store:
                 row = conn.execute(sql, args).fetchone()
             return None if row is None else row[0]
         import asyncpg
+        await self._settled()
         conn = await asyncpg.connect(self.settings.postgres_url.reveal())
         try:
             return await conn.fetchval(sql, *args)

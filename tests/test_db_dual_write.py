@@ -190,6 +190,40 @@ async def test_postgres_only_constraint_violation_is_parked_and_later_writes_lan
     await assert_verified(dual)
 
 
+async def test_a_poison_write_in_a_replayed_batch_is_parked_alone(dual):
+    # Writes queued during an outage are replayed as one batch, written set-based; a row
+    # PostgreSQL refuses sends that batch down the row-by-row path: only that row is parked.
+    await dual.execute("ALTER TABLE core.discoveries ADD CONSTRAINT no_poison CHECK (id <> 'poison')")
+    down = replace(dual.settings, postgres_url=type(dual.settings.postgres_url)(
+        f"postgresql://postgres@127.0.0.1:{_free_port()}/governance"))
+    db = await open_dual(down)
+    try:
+        await mixed_writes(db, "a-")
+        await db.add_discovery("poison", agent_id="a-root", type="bug", summary="never in PostgreSQL", tags=["x"])
+        await mixed_writes(db, "b-")
+    finally:
+        await db.close()
+    queued = outbox.queue_counts(dual.settings.sqlite_path)["pending"]
+    db = await open_dual(dual.settings)
+    try:
+        result = await db.replay()
+    finally:
+        await db.close()
+    assert result.error is None and result.pending == 0 and result.parked == 1 and result.applied == queued - 1
+    assert [e.key for e in outbox.parked_entries(dual.settings.sqlite_path)] == [("poison",)]
+    sql = "SELECT id FROM core.discoveries"
+    assert await pg_ids(dual, sql) == [d for d in sqlite_ids(dual, "SELECT id FROM discoveries") if d != "poison"]
+    assert await pg_ids(dual, "SELECT agent_id FROM core.identities") == ["a-kid", "a-root", "b-kid", "b-root"]
+    await dual.execute("ALTER TABLE core.discoveries DROP CONSTRAINT no_poison")
+    db = await open_dual(dual.settings)
+    try:
+        assert await db.retry_parked() == 1
+        assert (await db.replay()).pending == 0
+    finally:
+        await db.close()
+    await assert_verified(dual)
+
+
 async def test_statement_timeout_is_retried_until_it_lands(dual):
     await dual.execute(
         f'ALTER DATABASE "{dual.dbname}" SET statement_timeout = 300;'
@@ -357,9 +391,9 @@ def test_shadow_rate_setting_is_validated():
 
 
 async def test_write_returns_while_postgres_is_slow_and_lands_after(dual):
-    """DB_DUAL_APPLY=background: a write is acknowledged once SQLite (with its outbox record) committed,
-    reads still see it, and it reaches PostgreSQL when the row lock there is released."""
-    db = await open_dual(replace(dual.settings, dual_apply="background"))
+    """DB_DUAL_APPLY=background (the default): a write is acknowledged once SQLite (with its outbox
+    record) committed, reads still see it, and it reaches PostgreSQL when the row lock there is released."""
+    db = await open_dual(dual.settings)
     blocker = await asyncpg.connect(dual.settings.postgres_url.reveal())
     try:
         await db.create_identity("a", api_key="k")
@@ -393,7 +427,7 @@ async def test_write_returns_while_postgres_is_slow_and_lands_after(dual):
 
 
 async def test_sync_apply_waits_for_postgres(dual):
-    db = await open_dual(dual.settings)  # DB_DUAL_APPLY=sync, the default
+    db = await open_dual(replace(dual.settings, dual_apply="sync"))
     blocker = await asyncpg.connect(dual.settings.postgres_url.reveal())
     try:
         await db.create_identity("a", api_key="k")
@@ -415,7 +449,7 @@ async def test_sync_apply_waits_for_postgres(dual):
 def test_dual_apply_setting_is_validated():
     from govdb.config import Settings
     from govdb.errors import ConfigError
-    assert Settings.from_env({}).dual_apply == "sync"
+    assert Settings.from_env({}).dual_apply == "background"
     assert Settings.from_env({"DB_DUAL_APPLY": "Background"}).describe()["DB_DUAL_APPLY"] == "background"
     with pytest.raises(ConfigError, match="DB_DUAL_APPLY"):
         Settings.from_env({"DB_DUAL_APPLY": "later"})

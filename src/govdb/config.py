@@ -89,9 +89,9 @@ class Settings:
     age_enabled: bool = True
     #: Fraction of dual-mode reads also run on the other store and compared (DB_DUAL_SHADOW_RATE).
     dual_shadow_rate: float = 0.0
-    #: When a dual write reaches PostgreSQL (DB_DUAL_APPLY): ``sync`` applies it before returning;
-    #: ``background`` acknowledges once SQLite (with the outbox record) committed and applies in batches behind.
-    dual_apply: str = "sync"
+    #: When a dual write reaches PostgreSQL (DB_DUAL_APPLY): ``background`` acknowledges once SQLite
+    #: (with the outbox record) committed and applies in batches behind; ``sync`` applies it before returning.
+    dual_apply: str = "background"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -126,7 +126,7 @@ class Settings:
             raise ConfigError("DB_DUAL_SHADOW_RATE", f"must be a number in [0, 1]; got {shadow_raw!r}") from None
         if not 0.0 <= shadow <= 1.0:  # also refuses nan
             raise ConfigError("DB_DUAL_SHADOW_RATE", f"must be a number in [0, 1]; got {shadow_raw!r}")
-        dual_apply = get("DB_DUAL_APPLY", "sync").lower()
+        dual_apply = get("DB_DUAL_APPLY", "background").lower()
         if dual_apply not in DUAL_APPLY_MODES:
             raise ConfigError("DB_DUAL_APPLY", f"must be background or sync; got {dual_apply!r}")
         sqlite_path = get("DB_SQLITE_PATH", "data/governance.db")

@@ -2,20 +2,25 @@
 
 A write runs on SQLite with its outbox record(s) in the same transaction
 (:mod:`.outbox`), so once SQLite commits the write cannot be lost. With
-``DB_DUAL_APPLY=background`` the write is acknowledged right
-then and its entries go to an in-memory queue; a background task applies
-whatever has accumulated (up to :data:`APPLY_BATCH` entries, in seq order)
-in one PostgreSQL transaction (:mod:`.dual_sync`: copy each key's current
-SQLite row under an advisory lock). With ``sync`` (the default) the write
-is applied before it returns: a backfill running beside live dual writes
-counts on that (it takes a row whose parent PostgreSQL already holds as
-migrated: ``govdb.migrate.backfill``, ``_orphans_landed``). Applied records
-are deleted later, in batches, outside the write transactions. When PostgreSQL cannot take an entry, the record
-stays and a background replayer applies the queue in order, with backoff,
-until it lands; a write that can never land is parked and reported, and the
-queue goes on. :meth:`DualDatabase.flush` waits for the queued entries;
-``close()`` applies them (for at most :data:`CLOSE_DRAIN_SECONDS`; what is
-left stays in the outbox for the next run).
+``DB_DUAL_APPLY=background`` (the default) the write is acknowledged right
+then and its entries go to an in-memory queue; a background task lets
+writes gather for :data:`APPLY_LINGER` and applies them (up to
+:data:`APPLY_BATCH` entries, in seq order) in one PostgreSQL transaction
+with set-based statements (:mod:`.dual_sync`: copy each key's current SQLite
+row under an advisory lock). With ``sync`` the write is applied before it
+returns (one transaction per write: about the two latencies added up).
+A backfill beside live dual writes is safe with either: it takes an orphan
+whose row or parent still has an outbox record, or that PostgreSQL holds,
+as migrated (``govdb.migrate.backfill``, ``_orphans_landed``). Applied
+records are deleted later, in batches, outside the write transactions.
+When PostgreSQL cannot take an entry, the record stays and a background
+replayer applies the queue in order, with backoff, until it lands; a write
+that can never land is parked and reported, and the queue goes on. The
+replayer never takes the records this process's writes are applying
+themselves (no record is applied twice at once). :meth:`DualDatabase.flush`
+waits for the queued entries; ``close()`` applies them (for at most
+:data:`CLOSE_DRAIN_SECONDS`; what is left stays in the outbox for the next
+run).
 
 Reads go to ``DB_DUAL_READ_PRIMARY``, except that while any outbox record
 remains (of any process: the outbox is in the shared file) or PostgreSQL is
@@ -56,8 +61,9 @@ log = logging.getLogger(__name__)
 REPLAY_BATCH = 200
 #: Most entries the background applier puts in one PostgreSQL transaction.
 APPLY_BATCH = 200
-#: How long the background applier lets writes gather before it applies them (seconds).
-APPLY_LINGER = 0.002
+#: How long the background applier lets writes gather before each batch (seconds): the
+#: statements of a batch are set-based, so fewer, larger batches cost less per write.
+APPLY_LINGER = 0.02
 #: Entries queued in memory beyond this are left to the replayer (they are in the outbox).
 MAX_QUEUED = 20_000
 #: Applied records are deleted from the outbox once this many have gathered (or on the poll).
@@ -138,12 +144,36 @@ class _Sink:
     """The SQLite write hook of one dual write: records its outbox rows (nothing else: applied
     records are deleted in background batches, off the write path)."""
 
-    def __init__(self, op: str):
+    def __init__(self, op: str, owned: "_Owned"):
         self.op = op
+        self.owned = owned
         self.entries: list[outbox.Entry] = []
 
     def __call__(self, conn: Any, result: Any) -> None:
         self.entries = outbox.enqueue(conn, self.op, _rows_for(conn, result))
+        self.owned.add(self.entries)  # before COMMIT: no replay can take them for orphans
+
+
+class _Owned:
+    """Seqs of outbox records this process's write path applies itself (queued or in flight):
+    the replayer leaves them alone, so no record is applied twice at once. Shared with the
+    SQLite thread (a write's hook adds them), hence the lock."""
+
+    def __init__(self) -> None:
+        self._seqs: set[int] = set()
+        self._lock = threading.Lock()
+
+    def add(self, entries: list[outbox.Entry]) -> None:
+        with self._lock:
+            self._seqs.update(e.seq for e in entries)
+
+    def discard(self, entries: Any) -> None:
+        with self._lock:
+            self._seqs.difference_update(e.seq for e in entries)
+
+    def snapshot(self) -> set[int]:
+        with self._lock:
+            return set(self._seqs)
 
 
 class DualDatabase(Database):
@@ -159,6 +189,7 @@ class DualDatabase(Database):
         self.sqlite, self.pg = sqlite, pg
         self.apply_mode = apply
         self._queue: deque[outbox.Entry] = deque()  # committed, not yet applied (background mode)
+        self._owned = _Owned()  # queued here or being applied by a write: not the replayer's
         self._kick = asyncio.Event()
         self._applier_task: asyncio.Task[None] | None = None
         self._apply_lock = asyncio.Lock()
@@ -192,6 +223,11 @@ class DualDatabase(Database):
     def supports_graph(self) -> bool:  # type: ignore[override]
         return self.pg.supports_graph
 
+    @property
+    def queued(self) -> int:
+        """Writes of this process acknowledged and waiting for the background applier."""
+        return len(self._queue)
+
     # -- lifecycle -------------------------------------------------------
 
     async def connect(self) -> None:
@@ -205,7 +241,7 @@ class DualDatabase(Database):
         await self._connect_pg()
         self._wake = asyncio.Event()
         self._kick = asyncio.Event()
-        self._queue.clear()
+        self._drop_queue()
         loop = asyncio.get_running_loop()
         self._replayer = loop.create_task(self._replay_loop(), name="govdb-dual-replay")
         if self.apply_mode == "background":
@@ -239,7 +275,7 @@ class DualDatabase(Database):
                             describe(exc))
             applier.cancel()
             await asyncio.gather(applier, return_exceptions=True)
-            self._queue.clear()
+            self._drop_queue()
         task, self._replayer = self._replayer, None
         self._closing = True
         if task is not None:
@@ -274,26 +310,38 @@ class DualDatabase(Database):
             with self._applied_lock:
                 self._applied.extend(seqs)
 
+    def _drop_queue(self) -> None:
+        """Leave the queued entries to the replayer (they are in the outbox)."""
+        self._owned.discard(self._queue)
+        self._queue.clear()
+
     async def _dual(self, op: str, call: Callable[..., Awaitable[Any]], *args: Any) -> Any:
-        sink = _Sink(op)
+        sink = _Sink(op, self._owned)
         token = WRITE_HOOK.set(sink)
         try:
             result = await call(*args)
+        except BaseException:
+            self._owned.discard(sink.entries)  # rolled back (or committed and left to the replayer)
+            raise
         finally:
             WRITE_HOOK.reset(token)
         if not sink.entries:
             return result
         if self._applier_task is None:  # DB_DUAL_APPLY=sync
-            await self._apply_now(op, sink.entries)
+            try:
+                await self._apply_now(op, sink.entries)
+            finally:
+                self._owned.discard(sink.entries)
             if len(self._applied) >= DELETE_BATCH:
                 try:
                     await self._flush_applied()
                 except GovdbError as exc:  # the write is committed: the replayer's poll deletes them later
                     log.warning("dual: deleting applied outbox records failed (%s); retried later", describe(exc))
         elif not self._pg_up:
-            self._wake.set()  # the replayer applies the outbox once PostgreSQL answers
+            self._owned.discard(sink.entries)  # the replayer applies the outbox once PostgreSQL answers
         elif len(self._queue) >= MAX_QUEUED:
             log.warning("dual: %d writes wait for PostgreSQL; later ones are left to the replayer", len(self._queue))
+            self._owned.discard(sink.entries)
             self._wake.set()
         else:
             self._queue.extend(sink.entries)
@@ -312,14 +360,17 @@ class DualDatabase(Database):
             if len(self._queue) < APPLY_BATCH:
                 await asyncio.sleep(APPLY_LINGER)  # group commit: fewer, larger PostgreSQL transactions
             self._kick.clear()
-            await self._apply_queued()
+            await self._apply_queued(batches=1)
+            if self._queue:
+                self._kick.set()
 
-    async def _apply_queued(self) -> None:
+    async def _apply_queued(self, batches: int | None = None) -> None:
+        """Apply the queue (or its first ``batches`` batches)."""
         async with self._apply_lock:
-            while self._queue:
+            while self._queue and (batches is None or batches > 0):
+                batches = None if batches is None else batches - 1
                 if not self._pg_up:
-                    self._queue.clear()
-                    self._wake.set()
+                    self._drop_queue()  # the replayer applies the outbox once PostgreSQL answers
                     return
                 n = min(len(self._queue), APPLY_BATCH)
                 batch = sorted((self._queue.popleft() for _ in range(n)), key=lambda e: e.seq)
@@ -329,15 +380,16 @@ class DualDatabase(Database):
                         await self._flush_applied()
                 except Exception as exc:  # noqa: BLE001 - the entries are in the outbox: the replayer has them
                     log.warning("dual apply failed (%s); left to the replayer", describe(exc))
-                    self._queue.clear()
+                    self._drop_queue()
                     self._wake.set()
                     return
+                finally:
+                    self._owned.discard(batch)
 
     async def _apply_now(self, op: str, entries: list[outbox.Entry]) -> None:
         """Apply a committed write's entries to PostgreSQL, or leave them to the replayer."""
         if not self._pg_up:
-            self._wake.set()
-            return
+            return  # the replayer, in its backoff, applies them once PostgreSQL answers
         for attempt in range(1, LOCK_CONFLICT_TRIES + 1):
             try:
                 failed = await self.applier.apply(entries)
@@ -491,7 +543,8 @@ class DualDatabase(Database):
                 if not self._pg_up and not await self._connect_pg():
                     delay = min(delay * 2, BACKOFF_MAX) * random.uniform(0.8, 1.2)
                     continue
-                result = await self.replay(min_age=None if woken or not self._pg_up else ORPHAN_AGE_SECONDS)
+                result = await self.replay(min_age=None if woken or not self._pg_up else ORPHAN_AGE_SECONDS,
+                                           flush=False)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the replayer must outlive any one failure
@@ -546,26 +599,36 @@ class DualDatabase(Database):
             log.warning("PostgreSQL sync_identity_sequences failed (%s); retried later", describe(exc))
 
     async def replay(self, *, min_age: float | None = None,
-                     progress: Callable[[int, int], None] | None = None) -> ReplayResult:
+                     progress: Callable[[int, int], None] | None = None, flush: bool = True) -> ReplayResult:
         """Apply the queued entries in order until none is left (or PostgreSQL fails).
 
         Entries that can never land are parked and the drain goes on. With
         ``min_age``, only entries at least that old (seconds) are taken.
-        ``progress(done, parked)`` is called after each batch.
+        ``progress(done, parked)`` is called after each batch. It takes the
+        entries queued when it starts (later ones are live writes, applied by
+        their writers, or the next drain's), never those this process's writes
+        are applying themselves; with ``flush`` it first waits for this
+        process's queued writes (:meth:`flush`).
         """
+        if flush:
+            await self.flush()
         async with self._drain_lock:
             res = ReplayResult()
             after = 0
-            while True:
-                skip = set(self._applied_snapshot())
-                if min_age is not None:  # the poll: entries still queued here are the applier's
-                    skip.update(e.seq for e in self._queue)
-                batch = [e for e in await self.sqlite._read(outbox.pending, REPLAY_BATCH, after) if e.seq not in skip]
+            upto = await self.sqlite._read(outbox.last_seq)
+            while after < upto:
+                skip = self._owned.snapshot()
+                skip.update(self._applied_snapshot())
+                page = await self.sqlite._read(outbox.pending, REPLAY_BATCH, after, upto)
+                if not page:
+                    break
+                batch = [e for e in page if e.seq not in skip]
                 if min_age is not None:
                     cutoff = format_timestamp(_utcnow_minus(min_age))
                     batch = [e for e in batch if e.enqueued_at <= cutoff]
                 if not batch:
-                    break
+                    after = page[-1].seq
+                    continue
                 if self.pg._pool is None and not await self._connect_pg():
                     res.error = "PostgreSQL is not reachable"
                     break
@@ -598,7 +661,7 @@ class DualDatabase(Database):
                 self._pg_up = True
                 if progress is not None:
                     progress(res.applied, res.parked)
-                after = batch[-1].seq
+                after = page[-1].seq
             await self._flush_applied()
             figures = await self.sqlite._read(outbox.figures)
             res.pending = figures["pending"]

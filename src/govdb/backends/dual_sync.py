@@ -12,8 +12,15 @@ and written with the backfill's column lists, so a dual-written row is the
 row a backfill writes and ``govdb migrate verify`` compares equal. Entity
 rows are overwritten with SQLite's current state; append-only rows are
 inserted once (a stored row with other content under the same key is an
-error, never overwritten). Graph nodes and edges of the key are upserted
-with the set-based SQL of :mod:`govdb.migrate.graph`, keyed as it keys them.
+error, never overwritten). Graph nodes and edges of the keys are upserted
+with the SQL of :mod:`govdb.migrate.graph`, keyed as it keys them.
+
+A batch is written set-based: per table one statement over arrays of the
+batch's values (``unnest``), per graph statement one for all its keys, in
+TARGETS order (parents first), so a batch of 200 costs about as many round
+trips as a batch of one. If PostgreSQL refuses a row, that try is rolled
+back and the batch is written again row by row, each under a savepoint, so
+only the refused row fails.
 
 Errors are classified by exception class and SQLSTATE: constraint and data
 errors (classes 22, 23, 54) and rows the cleaner refuses are *permanent*
@@ -25,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Sequence
 
@@ -35,7 +43,7 @@ from ..migrate.clean import Cleaner
 from ..migrate.targets import TARGETS, Context
 from ..migrate.graph import NODE_PROPS, NODE_SQL, build_map, key_expr, label_table, ts_sql
 from ..migrate.source import KEYS, quote_ident, quote_qualified
-from .age import drop_unused_tags, lock_tags, node_tags
+from .age import drop_unused_tags, lock_tags
 from .outbox import Entry
 
 #: SQLSTATE classes of a write PostgreSQL will never take: data exception,
@@ -156,7 +164,7 @@ def text_input(v: Any) -> str | None:
     raise TypeError(f"no text input form for a {type(v).__name__}")
 
 
-# -- the graph, per key ------------------------------------------------------------------
+# -- the graph, a batch of keys at a time ------------------------------------------------
 
 def _k(label: str, expr: str) -> str:
     """The agtype key of ``label`` built from an SQL value (what the unique key index holds)."""
@@ -165,25 +173,27 @@ def _k(label: str, expr: str) -> str:
             f" '\"{prop}\"'::ag_catalog.agtype)")
 
 
-def _node_sql(graph: str, label: str, param: str) -> str:
+def _node_sql(graph: str, label: str, keys: str) -> str:
     props = NODE_PROPS[label]
     return (f"INSERT INTO {label_table(graph, label)} (properties) SELECT {build_map(props, 'src')}"
-            f" FROM ({NODE_SQL[label]}) AS src({', '.join(props)}) WHERE src.{props[0]} = {param}"
+            f" FROM ({NODE_SQL[label]}) AS src({', '.join(props)}) WHERE src.{props[0]} = ANY ({keys})"
             f" ON CONFLICT ({key_expr('properties', label)}) DO UPDATE SET properties = EXCLUDED.properties")
 
 
 def _tag_nodes_sql(graph: str, want: str) -> str:
-    return (f"INSERT INTO {label_table(graph, 'Tag')} (properties) SELECT ag_catalog.agtype_build_map('name', w.t)"
-            f" FROM ({want}) AS w(t) ON CONFLICT ({key_expr('properties', 'Tag')}) DO NOTHING")
+    return (f"INSERT INTO {label_table(graph, 'Tag')} (properties) SELECT ag_catalog.agtype_build_map('name', n.t)"
+            f" FROM (SELECT DISTINCT w.other FROM ({want}) AS w(key, other)) AS n(t)"
+            f" ON CONFLICT ({key_expr('properties', 'Tag')}) DO NOTHING")
 
 
-def _edge_sql(graph: str, label: str, start: str, end: str, key_end: str, param: str, want: str,
+def _edge_sql(graph: str, label: str, start: str, end: str, key_end: str, keys: str, want: str,
               props: tuple[str, ...] = (), exact: bool = True) -> list[str]:
-    """Return statements making the ``label`` edges of one node (at ``key_end``) those ``want`` lists."""
+    """Return statements making the ``label`` edges of the nodes at ``key_end`` whose keys are in
+    ``keys`` those ``want`` lists: rows (key, other, *props) -- the node's key and the other end's."""
     t = label_table(graph, label)
-    cols = ", ".join(("other", *props))
-    a_key = _k(start, param if key_end == "start" else "w.other")
-    b_key = _k(end, param if key_end == "end" else "w.other")
+    cols = ", ".join(("key", "other", *props))
+    a_key = _k(start, "w.key" if key_end == "start" else "w.other")
+    b_key = _k(end, "w.key" if key_end == "end" else "w.other")
     out = [f"INSERT INTO {t} (start_id, end_id{', properties' if props else ''})"
            f" SELECT a.id, b.id{', ' + build_map(props, 'w') if props else ''} FROM ({want}) AS w({cols})"
            f" JOIN ONLY {label_table(graph, start)} AS a ON {key_expr('a.properties', start)} = {a_key}"
@@ -191,55 +201,98 @@ def _edge_sql(graph: str, label: str, start: str, end: str, key_end: str, param:
            f" WHERE NOT EXISTS (SELECT 1 FROM ONLY {t} AS x WHERE x.start_id = a.id AND x.end_id = b.id)"]
     if exact:
         mine, other = ("a", "b") if key_end == "start" else ("b", "a")
-        other_label = end if key_end == "start" else start
+        mine_label, other_label = (start, end) if key_end == "start" else (end, start)
         out.append(
             f"DELETE FROM ONLY {t} AS x USING ONLY {label_table(graph, start)} AS a, ONLY {label_table(graph, end)} AS b"
             f" WHERE x.start_id = a.id AND x.end_id = b.id"
-            f" AND {key_expr(mine + '.properties', start if mine == 'a' else end)} = {_k(start if mine == 'a' else end, param)}"
+            f" AND {key_expr(mine + '.properties', mine_label)} IN"
+            f" (SELECT {_k(mine_label, 'k.v')} FROM unnest({keys}) AS k(v))"
             f" AND NOT EXISTS (SELECT 1 FROM ({want}) AS w({cols})"
-            f" WHERE {key_expr(other + '.properties', other_label)} = {_k(other_label, 'w.other')})")
+            f" WHERE {key_expr(mine + '.properties', mine_label)} = {_k(mine_label, 'w.key')}"
+            f" AND {key_expr(other + '.properties', other_label)} = {_k(other_label, 'w.other')})")
     return out
 
 
 def graph_statements(graph: str) -> dict[str, list[str]]:
-    """Return, per legacy table, the statements that bring the graph of one key in step ($1.. = the key)."""
-    agent_tags = "SELECT DISTINCT t FROM core.identities, unnest(tags) AS t WHERE agent_id = $1::text AND t IS NOT NULL"
-    disc_tags = "SELECT tag FROM core.discovery_tags WHERE discovery_id = $1::text"
-    link = (f"SELECT dst_id, response_type, weight, {ts_sql('created_at')} FROM core.discovery_edges"
-            " WHERE src_id = $1::text AND dst_id = $2::text AND edge_type = ")
+    """Return, per legacy table, the statements that bring the graph of a batch of its keys in
+    step: ``$1`` is the array of keys (for discovery_edges ``$1, $2, $3`` the arrays of src, dst
+    and edge type), as text."""
+    keys, ids = "$1::text[]", "$1::text[]::bigint[]"
+    agent_tags = ("SELECT DISTINCT agent_id, t FROM core.identities, unnest(tags) AS t"
+                  f" WHERE agent_id = ANY ({keys}) AND t IS NOT NULL")
+    disc_tags = f"SELECT discovery_id, tag FROM core.discovery_tags WHERE discovery_id = ANY ({keys})"
+
+    def links(kind: str) -> str:
+        return (f"SELECT e.src_id, e.dst_id, e.response_type, e.weight, {ts_sql('e.created_at')}"
+                " FROM core.discovery_edges AS e JOIN unnest($1::text[], $2::text[], $3::text[]) AS k(s, d, t)"
+                f" ON e.src_id = k.s AND e.dst_id = k.d AND e.edge_type = k.t WHERE e.edge_type = '{kind}'")
+    link_props = ("response_type", "weight", "created_at")
     return {
         "agent_metadata": [
-            _node_sql(graph, "Agent", "$1::text"), _tag_nodes_sql(graph, agent_tags),
-            *_edge_sql(graph, "HAS_TAG", "Agent", "Tag", "start", "$1::text", agent_tags),
-            *_edge_sql(graph, "SPAWNED", "Agent", "Agent", "end", "$1::text",
-                       "SELECT parent_agent_id FROM core.identities WHERE agent_id = $1::text"
-                       " AND parent_agent_id IS NOT NULL")],
+            _node_sql(graph, "Agent", keys), _tag_nodes_sql(graph, agent_tags),
+            *_edge_sql(graph, "HAS_TAG", "Agent", "Tag", "start", keys, agent_tags),
+            *_edge_sql(graph, "SPAWNED", "Agent", "Agent", "end", keys,
+                       "SELECT agent_id, parent_agent_id FROM core.identities"
+                       f" WHERE agent_id = ANY ({keys}) AND parent_agent_id IS NOT NULL")],
         "discoveries": [
-            _node_sql(graph, "Discovery", "$1::text"), _tag_nodes_sql(graph, disc_tags),
-            *_edge_sql(graph, "HAS_TAG", "Discovery", "Tag", "start", "$1::text", disc_tags)],
-        "discovery_edges:related_to": _edge_sql(graph, "RELATED_TO", "Discovery", "Discovery", "start", "$1::text",
-                                                link + "'related_to' AND $3::text = 'related_to'",
-                                                ("response_type", "weight", "created_at"), exact=False),
-        "discovery_edges:response_to": _edge_sql(graph, "RESPONSE_TO", "Discovery", "Discovery", "start",
-                                                 "$1::text", link + "'response_to' AND $3::text = 'response_to'",
-                                                 ("response_type", "weight", "created_at"), exact=False),
+            _node_sql(graph, "Discovery", keys), _tag_nodes_sql(graph, disc_tags),
+            *_edge_sql(graph, "HAS_TAG", "Discovery", "Tag", "start", keys, disc_tags)],
+        "discovery_edges": [
+            *_edge_sql(graph, "RELATED_TO", "Discovery", "Discovery", "start", keys, links("related_to"),
+                       link_props, exact=False),
+            *_edge_sql(graph, "RESPONSE_TO", "Discovery", "Discovery", "start", keys, links("response_to"),
+                       link_props, exact=False)],
         "dialectic_sessions": [
-            _node_sql(graph, "DialecticSession", "$1::text"),
-            *_edge_sql(graph, "PAUSED_AGENT", "DialecticSession", "Agent", "start", "$1::text",
-                       "SELECT paused_agent_id FROM core.dialectic_sessions WHERE session_id = $1::text"),
-            *_edge_sql(graph, "REVIEWER", "DialecticSession", "Agent", "start", "$1::text",
-                       "SELECT reviewer_agent_id FROM core.dialectic_sessions WHERE session_id = $1::text"
-                       " AND reviewer_agent_id IS NOT NULL")],
+            _node_sql(graph, "DialecticSession", keys),
+            *_edge_sql(graph, "PAUSED_AGENT", "DialecticSession", "Agent", "start", keys,
+                       f"SELECT session_id, paused_agent_id FROM core.dialectic_sessions WHERE session_id = ANY ({keys})"),
+            *_edge_sql(graph, "REVIEWER", "DialecticSession", "Agent", "start", keys,
+                       "SELECT session_id, reviewer_agent_id FROM core.dialectic_sessions"
+                       f" WHERE session_id = ANY ({keys}) AND reviewer_agent_id IS NOT NULL")],
         "dialectic_messages": [
-            _node_sql(graph, "DialecticMessage", "$1::bigint"),
-            *_edge_sql(graph, "HAS_MESSAGE", "DialecticSession", "DialecticMessage", "end", "$1::bigint",
-                       "SELECT session_id FROM core.dialectic_messages WHERE id = $1::bigint"),
-            *_edge_sql(graph, "WROTE", "Agent", "DialecticMessage", "end", "$1::bigint",
-                       "SELECT agent_id FROM core.dialectic_messages WHERE id = $1::bigint")],
+            _node_sql(graph, "DialecticMessage", ids),
+            *_edge_sql(graph, "HAS_MESSAGE", "DialecticSession", "DialecticMessage", "end", ids,
+                       f"SELECT id, session_id FROM core.dialectic_messages WHERE id = ANY ({ids})"),
+            *_edge_sql(graph, "WROTE", "Agent", "DialecticMessage", "end", ids,
+                       f"SELECT id, agent_id FROM core.dialectic_messages WHERE id = ANY ({ids})")],
     }
 
 
+def tags_sql(graph: str, label: str) -> str:
+    """SELECT (key, tag name) of the HAS_TAG edges of the ``label`` nodes whose keys are in ``$1``."""
+    return (f"SELECT k.v, ag_catalog.agtype_access_operator(t.properties, '\"name\"'::ag_catalog.agtype)"
+            f" FROM unnest($1::text[]) AS k(v)"
+            f" JOIN ONLY {label_table(graph, label)} AS n ON {key_expr('n.properties', label)} = {_k(label, 'k.v')}"
+            f" JOIN ONLY {label_table(graph, 'HAS_TAG')} AS e ON e.start_id = n.id"
+            f" JOIN ONLY {label_table(graph, 'Tag')} AS t ON t.id = e.end_id")
+
+
 # -- applying -------------------------------------------------------------------------------
+
+#: Legacy tables whose rows carry tags in the graph, and the label of their node.
+_TAGGED = {"agent_metadata": "Agent", "discoveries": "Discovery"}
+#: Legacy table -> the PostgreSQL columns its graph statements are keyed by.
+_TAGS_AT = TARGETS["agent_metadata"].columns.index("tags")
+_GRAPH_KEY = {"agent_metadata": ("agent_id",), "discoveries": ("id",), "discovery_edges": ("src_id", "dst_id", "edge_type"),
+              "dialectic_sessions": ("session_id",), "dialectic_messages": ("id",)}
+
+
+@dataclass
+class _Item:
+    """One key of a batch, cleaned: the row PostgreSQL gets (as text input) and its tags."""
+    table: str
+    key: tuple[Any, ...]
+    values: list[str | None]                           # the cleaned row as text input
+    tags: list[str]                                    # the tags it has now (Agent/Discovery nodes)
+    old_tags: list[str] = field(default_factory=list)  # Agent/Discovery: its node's Tag names before
+
+    def column(self, name: str) -> str | None:
+        return self.values[TARGETS[self.table].columns.index(name)]
+
+    def dropped_tags(self) -> set[str]:
+        """Tag names its node had before and has no more (their Tag nodes may go unused)."""
+        return set(self.old_tags) - set(self.tags)
+
 
 class Applier:
     """Applies outbox entries to PostgreSQL (see the module docstring)."""
@@ -261,9 +314,9 @@ class Applier:
             return {}
         keys = list(dict.fromkeys((e.table, e.key) for e in entries))
         failed: dict[tuple[str, tuple[Any, ...]], str] = {}
-        # A batch is first tried without a savepoint per row (two round trips fewer a row); if a
-        # row can never land the whole try is rolled back and the batch redone row by row.
-        for careful in ((False, True) if len(keys) > 1 else (True,)):
+        # The batch is first written set-based; if a row can never land, that try is rolled back
+        # and the batch written again row by row, a savepoint each, so only that row fails.
+        for careful in (False, True):
             try:
                 await self._apply_keys(keys, failed, careful)
                 break
@@ -276,6 +329,7 @@ class Applier:
                 if len(keys) != 1:
                     raise
                 failed[keys[0]] = describe(exc)
+                break
         return {e.seq: failed[(e.table, e.key)] for e in entries if (e.table, e.key) in failed}
 
     async def _apply_keys(self, keys: list[tuple[str, tuple[Any, ...]]],
@@ -286,131 +340,154 @@ class Applier:
                 " FROM unnest($1::text[]) AS k ORDER BY 1) AS s",
                 [f"govdb:dual:{t}:{_key_text(k)}" for t, k in keys])
             rows = await self.sqlite._read(read_rows, keys)
-            had = await self._lock_tags(conn, keys, rows) if self.pg.supports_graph else {}
-            for table, key in keys:
-                row, tags = rows[(table, _key_text(key))]
-                old = had.get((table, key), [])
-                if len(keys) == 1:
-                    await self._apply_row(conn, table, key, row, tags, old)
-                    continue
-                if not careful:
-                    try:
-                        await self._apply_row(conn, table, key, row, tags, old)
-                    except Exception as exc:  # noqa: BLE001 - classified right here
-                        if is_transient(exc):
-                            raise
-                        raise _RowRefused() from exc
-                    continue
+            items = self._clean(keys, rows, failed)
+            if self.pg.supports_graph:
+                await self._lock_tags(conn, items)
+            if not careful:
                 try:
-                    async with conn.transaction():  # a savepoint: one bad row leaves the others
-                        await self._apply_row(conn, table, key, row, tags, old)
+                    await self._write(conn, items)
                 except Exception as exc:  # noqa: BLE001 - classified right here
                     if is_transient(exc):
                         raise
-                    failed[(table, key)] = describe(exc)
+                    raise _RowRefused() from exc
+                return
+            for item in items:
+                try:
+                    async with conn.transaction():  # a savepoint: one bad row leaves the others
+                        await self._write(conn, [item])
+                except Exception as exc:  # noqa: BLE001 - classified right here
+                    if is_transient(exc):
+                        raise
+                    failed[(item.table, item.key)] = describe(exc)
 
-    async def _lock_tags(self, conn: asyncpg.Connection, keys: Sequence[tuple[str, tuple[Any, ...]]],
-                         rows: dict[tuple[str, str], Any]) -> dict[tuple[str, tuple[Any, ...]], list[str]]:
-        """Lock every Tag name the keys' nodes have now or will have after their rows are applied,
-        in one order (Tag nodes are shared between keys: batches and single writes never wait in a
-        cycle); return the names each tagged key's node has now."""
-        had: dict[tuple[str, tuple[Any, ...]], list[str]] = {}
-        names: set[str] = set()
-        cleaner = Cleaner(context=Context())
-        tags_at = TARGETS["agent_metadata"].columns.index("tags")
+    def _clean(self, keys: list[tuple[str, tuple[Any, ...]]], rows: dict[tuple[str, str], Any],
+               failed: dict[tuple[str, tuple[Any, ...]], str]) -> list[_Item]:
+        """Return the batch's rows as PostgreSQL takes them (keys not in SQLite have nothing to
+        copy); a row the migration's cleaner refuses fails with its reason."""
+        items = []
         for table, key in keys:
-            label = _TAGGED.get(table)
-            if label is None:
-                continue
-            had[(table, key)] = await node_tags(conn, self.graph, label, key[0])
-            names.update(had[(table, key)])
             row, tag_rows = rows[(table, _key_text(key))]
             if row is None:
                 continue
+            cleaner = Cleaner(context=Context())  # one per row: no state carried between rows
+            out = cleaner.clean(table, row)
+            if not out.ok:
+                failed[(table, key)] = f"the SQLite row cannot be migrated: {out.reason}"
+                continue
             if table == "agent_metadata":
-                out = cleaner.clean(table, row)
-                names.update(out.values[tags_at] or () if out.ok else ())  # type: ignore[index]
+                tags = [t for t in out.values[_TAGS_AT] or () if isinstance(t, str)]  # type: ignore[index]
             else:
-                names.update(t.values[1] for t in (cleaner.clean("discovery_tags", r) for r in tag_rows) if t.ok)
-        await lock_tags(conn, sorted(n for n in names if isinstance(n, str)))
-        return had
+                tags = [t.values[1] for t in (cleaner.clean("discovery_tags", r) for r in tag_rows) if t.ok]
+            items.append(_Item(table, key, [text_input(v) for v in out.values], tags))  # type: ignore[union-attr]
+        return items
 
-    async def _apply_row(self, conn: asyncpg.Connection, table: str, key: tuple[Any, ...],
-                         row: dict[str, Any] | None, tags: list[dict[str, Any]], old_tags: list[str]) -> None:
-        """Copy one row (and its graph) to PostgreSQL; ``old_tags``: its node's Tag names before."""
-        if row is None:
-            return  # not in SQLite (nothing to copy)
-        cleaner = Cleaner(context=Context())
-        out = cleaner.clean(table, row)
-        if not out.ok:
-            raise PermanentError(f"the SQLite row cannot be migrated: {out.reason}")
+    async def _lock_tags(self, conn: asyncpg.Connection, items: list[_Item]) -> None:
+        """Lock every Tag name the items' nodes have now or will have after they are applied, in
+        one order (Tag nodes are shared between keys: batches and single writes never wait in a
+        cycle), and note on each item the names its node has now."""
+        names: set[str] = set()
+        for table, label in _TAGGED.items():
+            mine = {item.column(_GRAPH_KEY[table][0]): item for item in items if item.table == table}
+            if not mine:
+                continue
+            for key, name in await conn.fetch(tags_sql(self.graph, label), list(mine)):
+                mine[key].old_tags.append(name)
+            for item in mine.values():
+                names.update(item.old_tags, item.tags)
+        await lock_tags(conn, sorted(n for n in names if isinstance(n, str)))
+
+    async def _write(self, conn: asyncpg.Connection, items: list[_Item]) -> None:
+        """Write the items' rows and then their graph, table by table in TARGETS order (parents first)."""
+        by_table: dict[str, list[_Item]] = {}
+        for item in items:
+            by_table.setdefault(item.table, []).append(item)
+        order = [t for t in TARGETS if t in by_table]
+        for table in order:
+            await self._write_rows(conn, table, by_table[table])
+        if self.pg.supports_graph:
+            if self._graph_sql is None:
+                self._graph_sql = graph_statements(self.graph)
+            for table in order:
+                group = by_table[table]
+                statements = self._graph_sql.get(table, [])
+                if not statements:
+                    continue
+                args = [list(c) for c in zip(*([item.column(c) for c in _GRAPH_KEY[table]] for item in group))]
+                for sql in statements:
+                    await conn.execute(sql, *args[:max(int(n) for n in _params(sql))])
+            dropped = set().union(*(item.dropped_tags() for item in items if item.table in _TAGGED))
+            if dropped:
+                await drop_unused_tags(conn, self.graph, dropped)
+
+    async def _write_rows(self, conn: asyncpg.Connection, table: str, group: list[_Item]) -> None:
+        """Write a group of one table's rows with set-based statements."""
         target = TARGETS[table]
         types = await self._column_types(conn, target.table, target.columns)
-        values = [text_input(v) for v in out.values]  # type: ignore[union-attr]
+        n = len(target.columns)
+        arrays = [list(col) for col in zip(*(item.values for item in group))]
+        names = ", ".join(f"c{i}" for i in range(n))
+        source = f"unnest({', '.join(f'${i}::text[]' for i in range(1, n + 1))}) AS w({names})"
+        casts = ", ".join(f"w.c{i}::{t}" for i, t in enumerate(types))
         cols = ", ".join(quote_ident(c) for c in target.columns)
-        marks = ", ".join(f"${i}::text::{t}" for i, t in enumerate(types, 1))
         into = quote_qualified(target.table)
         if table in _ENTITY_KEY:
             k = _ENTITY_KEY[table]
             rest = [quote_ident(c) for c in target.columns if c != k]
             await conn.execute(
-                f"INSERT INTO {into} AS t ({cols}) VALUES ({marks}) ON CONFLICT ({quote_ident(k)}) DO UPDATE"
+                f"INSERT INTO {into} AS t ({cols}) SELECT {casts} FROM {source}"
+                f" ON CONFLICT ({quote_ident(k)}) DO UPDATE"
                 f" SET ({', '.join(rest)}) = ROW({', '.join('EXCLUDED.' + c for c in rest)})"
                 f" WHERE ({', '.join('t.' + c for c in rest)}) IS DISTINCT FROM"
-                f" ({', '.join('EXCLUDED.' + c for c in rest)})", *values)
+                f" ({', '.join('EXCLUDED.' + c for c in rest)})", *arrays)
             if table == "discoveries":
-                wanted = [t.values[1] for t in (cleaner.clean("discovery_tags", r) for r in tags) if t.ok]
+                ids = [item.column("id") for item in group for _ in item.tags]
+                tags = [t for item in group for t in item.tags]
                 await conn.execute("INSERT INTO core.discovery_tags (discovery_id, tag)"
-                                   " SELECT $1, t FROM unnest($2::text[]) AS t ON CONFLICT DO NOTHING", key[0], wanted)
-                await conn.execute("DELETE FROM core.discovery_tags WHERE discovery_id = $1 AND tag <> ALL ($2::text[])",
-                                   key[0], wanted)
+                                   " SELECT * FROM unnest($1::text[], $2::text[]) ON CONFLICT DO NOTHING", ids, tags)
+                await conn.execute(
+                    "DELETE FROM core.discovery_tags AS d WHERE d.discovery_id = ANY ($3::text[])"
+                    " AND NOT EXISTS (SELECT 1 FROM unnest($1::text[], $2::text[]) AS w(id, tag)"
+                    " WHERE w.id = d.discovery_id AND w.tag = d.tag)", ids, tags, [item.column("id") for item in group])
         elif table in _APPEND_KEY:
             if table == "audit_events":
-                h = [values[target.columns.index(c)] for c in ("raw_hash", "event_id", "ts")]
-                fresh = await conn.fetchval("INSERT INTO audit.event_hashes (raw_hash, event_id, ts)"
-                                            " VALUES ($1::text, $2::text::uuid, $3::text::timestamptz) ON CONFLICT DO NOTHING"
-                                            " RETURNING true", *h)
-                if not fresh and not await conn.fetchval(
-                        "SELECT EXISTS (SELECT 1 FROM audit.event_hashes WHERE raw_hash = $1::text"
-                        " AND event_id = $2::text::uuid)",
-                        h[0], h[1]):
-                    raise PermanentError(f"audit event {h[1]}: PostgreSQL holds its content or its event_id"
-                                         " under another event")
+                await self._event_hashes(conn, group)
+            k = target.columns.index(_APPEND_KEY[table])
+            key_sql = f"w.c{k}::{types[k]}"
             # tool_usage's key includes ts (partitions): NOT EXISTS keeps usage_id unique across months.
-            where = " WHERE NOT EXISTS (SELECT 1 FROM audit.tool_usage WHERE usage_id = $2::text::uuid)" \
+            where = f" WHERE NOT EXISTS (SELECT 1 FROM audit.tool_usage AS u WHERE u.usage_id = {key_sql})" \
                 if table == "tool_usage" else ""
-            inserted = await conn.fetchval(
-                f"INSERT INTO {into} ({cols}) SELECT {marks}{where} ON CONFLICT DO NOTHING RETURNING true", *values)
-            if not inserted:
-                k = _APPEND_KEY[table]
-                same = await conn.fetchval(
-                    f"SELECT EXISTS (SELECT 1 FROM {into} AS t WHERE t.{quote_ident(k)} = ${target.columns.index(k) + 1}"
-                    f"::text::{types[target.columns.index(k)]}"
-                    f" AND ({', '.join('t.' + quote_ident(c) for c in target.columns)}) IS NOT DISTINCT FROM ({marks}))",
-                    *values)
-                if not same:
-                    raise PermanentError(f"{k} {values[target.columns.index(k)]} of {target.table} is already used"
+            inserted = [r[0] for r in await conn.fetch(
+                f"INSERT INTO {into} ({cols}) SELECT {casts} FROM {source}{where}"
+                f" ON CONFLICT DO NOTHING RETURNING {quote_ident(_APPEND_KEY[table])}::text", *arrays)]
+            if len(inserted) < len(group):
+                # Those not inserted must already be there with the same content (applied before).
+                other = await conn.fetchval(
+                    f"SELECT w.c{k} FROM {source} WHERE NOT ({key_sql}::text = ANY (${n + 1}::text[]))"
+                    f" AND NOT EXISTS (SELECT 1 FROM {into} AS t WHERE t.{quote_ident(_APPEND_KEY[table])} = {key_sql}"
+                    f" AND ({', '.join('t.' + quote_ident(c) for c in target.columns)}) IS NOT DISTINCT FROM ({casts}))"
+                    " LIMIT 1", *arrays, inserted)
+                if other is not None:
+                    raise PermanentError(f"{_APPEND_KEY[table]} {other} of {target.table} is already used"
                                          " in PostgreSQL by a row with other content")
         else:  # discovery_edges: the key is the whole identity, the row never changes
-            await conn.execute(f"INSERT INTO {into} ({cols}) VALUES ({marks}) ON CONFLICT DO NOTHING", *values)
-        if self.pg.supports_graph:
-            await self._sync_graph(conn, table, key, old_tags)
+            await conn.execute(f"INSERT INTO {into} ({cols}) SELECT {casts} FROM {source} ON CONFLICT DO NOTHING",
+                               *arrays)
 
-    async def _sync_graph(self, conn: asyncpg.Connection, table: str, key: tuple[Any, ...],
-                          old_tags: list[str]) -> None:
-        """Bring the key's nodes and edges in step (its Tag names are locked: :meth:`_lock_tags`)."""
-        if self._graph_sql is None:
-            self._graph_sql = graph_statements(self.graph)
-        name = f"{table}:{key[2]}" if table == "discovery_edges" else table
-        statements = self._graph_sql.get(name)
-        if not statements:
-            return
-        args = list(key)
-        for sql in statements:
-            used = max(int(n) for n in _params(sql))
-            await conn.execute(sql, *args[:used])
-        if old_tags:
-            await drop_unused_tags(conn, self.graph, old_tags)
+    async def _event_hashes(self, conn: asyncpg.Connection, group: list[_Item]) -> None:
+        """Claim each event's content hash (audit.event_hashes: one event per content)."""
+        h = [[item.column(c) for item in group] for c in ("raw_hash", "event_id", "ts")]
+        fresh = [r[0] for r in await conn.fetch(
+            "INSERT INTO audit.event_hashes (raw_hash, event_id, ts) SELECT w.h, w.e::uuid, w.ts::timestamptz"
+            " FROM unnest($1::text[], $2::text[], $3::text[]) AS w(h, e, ts) ON CONFLICT DO NOTHING"
+            " RETURNING event_id::text", *h)]
+        if len(fresh) < len(group):
+            other = await conn.fetchval(
+                "SELECT w.e FROM unnest($1::text[], $2::text[]) AS w(h, e) WHERE NOT (w.e::uuid::text = ANY ($3::text[]))"
+                " AND NOT EXISTS (SELECT 1 FROM audit.event_hashes AS x WHERE x.raw_hash = w.h AND x.event_id = w.e::uuid)"
+                " LIMIT 1", h[0], h[1], fresh)
+            if other is not None:
+                raise PermanentError(f"audit event {other}: PostgreSQL holds its content or its event_id"
+                                     " under another event")
 
     async def _column_types(self, conn: asyncpg.Connection, table: str, columns: Sequence[str]) -> list[str]:
         types = self._types.get(table)
@@ -420,10 +497,6 @@ class Applier:
             by_name = {r["attname"]: r["t"] for r in rows}
             types = self._types[table] = [by_name[c] for c in columns]
         return types
-
-
-#: Legacy tables whose rows carry tags in the graph, and the label of their node.
-_TAGGED = {"agent_metadata": "Agent", "discoveries": "Discovery"}
 
 
 def _params(sql: str) -> list[str]:

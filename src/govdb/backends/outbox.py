@@ -115,11 +115,16 @@ def has_backlog(conn: sqlite3.Connection, applied: Iterable[int] = ()) -> bool:
                         " (SELECT value FROM json_each(?)))", (json.dumps(applied),)).fetchone()[0] == 1
 
 
-def pending(conn: sqlite3.Connection, limit: int, after: int = 0) -> list[Entry]:
-    """Return up to ``limit`` pending entries after seq ``after``, oldest first."""
-    rows = conn.execute("SELECT * FROM govdb_outbox WHERE state = 'pending' AND seq > ? ORDER BY seq LIMIT ?",
-                        (after, limit)).fetchall()
+def pending(conn: sqlite3.Connection, limit: int, after: int = 0, upto: int | None = None) -> list[Entry]:
+    """Return up to ``limit`` pending entries after seq ``after`` (and up to ``upto``), oldest first."""
+    rows = conn.execute("SELECT * FROM govdb_outbox WHERE state = 'pending' AND seq > ? AND seq <= ?"
+                        " ORDER BY seq LIMIT ?", (after, upto if upto is not None else 2**63 - 1, limit)).fetchall()
     return [_entry(r) for r in rows]
+
+
+def last_seq(conn: sqlite3.Connection) -> int:
+    """Return the highest seq of a pending entry (0: none)."""
+    return int(conn.execute("SELECT coalesce(max(seq), 0) FROM govdb_outbox WHERE state = 'pending'").fetchone()[0])
 
 
 def parked(conn: sqlite3.Connection, seq: int | None = None) -> list[Entry]:
