@@ -1,6 +1,6 @@
 """Write benchmark of the backends through govdb's Python API: sqlite, postgres and dual.
 
-    .venv/bin/python bench/dual_bench.py                     # ~3 minutes
+    .venv/bin/python bench/dual_bench.py                     # ~5 minutes
     .venv/bin/python bench/dual_bench.py --duration 5 --outage-writes 2000
 
 For each backend and 1 and 16 concurrent writers (asyncio tasks on one
@@ -8,7 +8,8 @@ store, `create_backend(Settings.from_env(...))`), a fresh store, one agent
 per writer made up front, then writes for --duration seconds, each writer
 choosing among the four kinds alike: agent state, audit event, tool usage,
 discovery with two tags. Reports write latency p50/p99/max and writes/s
-(also per kind). Backends: sqlite, postgres, dual (DB_DUAL_APPLY=background,
+(also per kind) and this process's CPU per write (applying to PostgreSQL
+included, PostgreSQL's own CPU not). Backends: sqlite, postgres, dual (DB_DUAL_APPLY=background,
 the default) and dual-sync (DB_DUAL_APPLY=sync). For the dual ones it also
 samples, every 20 ms, how many acknowledged writes wait for PostgreSQL, and
 times how long after the last write the outbox is empty.
@@ -28,6 +29,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
+import os
 import random
 import shutil
 import sys
@@ -117,24 +120,31 @@ async def drive(db: Any, writers: int, *, duration: float | None = None, total: 
             depths.append(db.queued)
             await asyncio.sleep(0.02)
 
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), c.cpu_seconds(os.getpid())
     sampling = asyncio.ensure_future(sampler()) if hasattr(db, "queued") else None
     await asyncio.gather(*(writer(i) for i in range(writers)))
     elapsed = time.perf_counter() - t0
+    caught_up = None
+    if hasattr(db, "flush"):
+        await db.flush()  # the CPU of applying them belongs to these writes
+        caught_up = round(time.perf_counter() - t0 - elapsed, 3)
+    cpu = c.cpu_seconds(os.getpid()) - cpu0
     if sampling is not None:
         sampling.cancel()
     out: dict[str, Any] = {"writers": writers, "seconds": round(elapsed, 2), "writes": len(samples),
                            "writes_per_s": round(len(samples) / elapsed, 1),
+                           "client_cpu_ms_per_write": round(1000 * cpu / max(len(samples), 1), 3),
                            **{k: x for k, x in c.latency_summary([s for _, s in samples]).items() if k != "n"},
                            "errors": sum(errors.values()), "errors_by_type": dict(errors)}
     out["by_kind"] = {k: c.latency_summary([s for kk, s in samples if kk == k]) for k in KINDS}
     if depths:
-        out["waiting_for_postgres"] = {"mean": round(sum(depths) / len(depths), 1), "max": max(depths)}
+        out["waiting_for_postgres"] = {"mean": round(sum(depths) / len(depths), 1), "max": max(depths),
+                                       "applied_all_seconds_after_last_write": caught_up}
     return out
 
 
 async def cell(backend: str, writers: int, args, admin: str | None, work: Path) -> dict[str, Any]:
-    name = f"{backend}-{writers}"
+    name = f"{backend}-{writers}-{next(_CELL_NUMBERS)}"  # a fresh SQLite file every run
     dual = BACKENDS[backend][0] == "dual"
     lite = work / f"{name}.db" if backend == "sqlite" or dual else None
     url = await c.fresh_db(admin, "bench_dual") if backend != "sqlite" else None
@@ -222,6 +232,38 @@ async def _pg_counts(url: str) -> dict[str, int]:
     return out
 
 
+def medians(runs: list[dict], backends: list[str], writers: list[int]) -> list[dict[str, Any]]:
+    """One cell per backend and writer count: the median of its runs' figures (runs that failed
+    make the cell failed); the dual ones' outbox and row-count checks must hold in every run."""
+    import statistics
+    out = []
+    for w in writers:
+        for b in backends:
+            mine = [x for x in runs if x["backend"] == b and x["writers"] == w]
+            bad = [x for x in mine if "error" in x]
+            if bad or not mine:
+                out.append({"backend": b, "writers": w, "error": bad[0]["error"] if bad else "no run"})
+                continue
+            cell = {"backend": b, "writers": w, "runs": len(mine),
+                    **{k: statistics.median(x[k] for x in mine)
+                       for k in ("writes_per_s", "p50_ms", "p99_ms", "client_cpu_ms_per_write")},
+                    "max_ms": max(x["max_ms"] for x in mine), "errors": sum(x["errors"] for x in mine),
+                    "p50_ms_runs": [x["p50_ms"] for x in mine]}
+            if "waiting_for_postgres" in mine[0]:
+                cell["waiting_for_postgres"] = {
+                    "mean": statistics.median(x["waiting_for_postgres"]["mean"] for x in mine),
+                    "max": max(x["waiting_for_postgres"]["max"] for x in mine),
+                    "applied_all_seconds_after_last_write": max(
+                        x["waiting_for_postgres"]["applied_all_seconds_after_last_write"] for x in mine)}
+            if "stores_match" in mine[0]:
+                cell["stores_match"] = all(x["stores_match"] for x in mine)
+                cell["outbox_settle_seconds"] = max(x["outbox_settle_seconds"] for x in mine)
+                cell["outbox_left"] = {"pending": max(x["outbox_left"]["pending"] for x in mine)}
+                cell["row_counts"] = [x["row_counts"] for x in mine if "row_counts" in x] or None
+            out.append(cell)
+    return out
+
+
 def goal(cells: list[dict]) -> dict[str, Any] | None:
     out = []
     for w in sorted({x["writers"] for x in cells}):
@@ -242,23 +284,28 @@ def markdown(r: dict[str, Any]) -> str:
              f"Writes through the Python API, {r['settings']['duration']} s per cell, mix of agent states, audit"
              f" events, tool usage and discoveries (two tags) in equal parts; dual: DB_DUAL_APPLY background"
              f" (the default), dual-sync: DB_DUAL_APPLY sync; DB_POSTGRES_MAX_CONN"
-             f" {r['settings']['pg_max_conn']}.", "",
-             "| backend | writers | writes/s | p50 ms | p99 ms | max ms | errors |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             f" {r['settings']['pg_max_conn']}. {r['settings']['repeat']} runs per cell, the backends in turn"
+             " round after round; the table gives the median run (max and errors: over all runs).", "",
+             "| backend | writers | writes/s | p50 ms | p99 ms | max ms | errors | client CPU ms/write |"
+             " p50 ms of each run |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for x in r["cells"]:
         if "error" in x:
-            lines.append(f"| {x['backend']} | {x['writers']} | failed: {x['error']} ||||")
+            lines.append(f"| {x['backend']} | {x['writers']} | failed: {x['error']} ||||||")
             continue
         lines.append(f"| {x['backend']} | {x['writers']} | {c.fmt(x['writes_per_s'])} | {c.fmt(x['p50_ms'])} |"
-                     f" {c.fmt(x['p99_ms'])} | {c.fmt(x['max_ms'])} | {x['errors']} |")
+                     f" {c.fmt(x['p99_ms'])} | {c.fmt(x['max_ms'])} | {x['errors']} |"
+                     f" {x['client_cpu_ms_per_write']:.3f} | {', '.join(c.fmt(v) for v in x['p50_ms_runs'])} |")
     duals = [x for x in r["cells"] if x["backend"].startswith("dual") and "error" not in x]
     if duals:
-        lines += ["", "| backend | writers | waiting for PostgreSQL during the load: mean | max |"
-                      " outbox empty after the last write | row counts of both stores |",
-                  "|---|---:|---:|---:|---:|---|"]
+        lines += ["", "| backend | writers | writes waiting for PostgreSQL during the load: mean | max |"
+                      " PostgreSQL had them all, after the last write | outbox records deleted, after that |"
+                      " row counts of both stores |",
+                  "|---|---:|---:|---:|---:|---:|---|"]
         for x in duals:
             w = x.get("waiting_for_postgres", {})
             lines.append(f"| {x['backend']} | {x['writers']} | {c.fmt(w.get('mean'))} | {c.fmt(w.get('max'))} |"
+                         f" {c.fmt(w.get('applied_all_seconds_after_last_write'))} s |"
                          f" {x['outbox_settle_seconds']} s (left {x['outbox_left']['pending']}) |"
                          f" {'match' if x['stores_match'] else 'DIFFER: ' + str(x.get('row_counts'))} |")
     if r.get("goal"):
@@ -283,17 +330,20 @@ async def main_async(args, admin: str | None, work: Path) -> dict[str, Any]:
                               "settings": {k: x for k, x in vars(args).items() if k not in ("out", "postgres")}}
     if admin:
         result["machine"]["postgres"] = (await c.pg_facts(admin))["version"]
-    cells = []
+    runs = []
     for writers in args.writers:
-        for backend in args.backends:  # the backends back to back per writer count: noise hits all alike
-            try:
-                x = await cell(backend, writers, args, admin, work)
-            except Exception as exc:  # noqa: BLE001 - reported, the others run
-                x = {"backend": backend, "writers": writers, "error": f"{type(exc).__name__}: {exc}"}
-            cells.append(x)
-            print(f"{backend} x{writers}: " + (x.get("error") or f"{x['writes_per_s']} writes/s p50 {x['p50_ms']}"
-                  f" p99 {x['p99_ms']} ms errors {x['errors']}"), flush=True)
-    result["cells"], result["goal"] = cells, goal(cells)
+        for run in range(1, args.repeat + 1):
+            for backend in args.backends:  # the backends back to back, round after round: noise hits all alike
+                try:
+                    x = await cell(backend, writers, args, admin, work)
+                except Exception as exc:  # noqa: BLE001 - reported, the others run
+                    x = {"backend": backend, "writers": writers, "error": f"{type(exc).__name__}: {exc}"}
+                runs.append({"run": run, **x})
+                print(f"{backend} x{writers} run {run}: " + (x.get("error") or f"{x['writes_per_s']} writes/s"
+                      f" p50 {x['p50_ms']} p99 {x['p99_ms']} ms errors {x['errors']}"), flush=True)
+    result["runs"] = runs
+    result["cells"] = medians(runs, args.backends, args.writers)
+    result["goal"] = goal(result["cells"])
     if args.outage_writes and admin:
         try:
             result["outage"] = await outage(args, admin, work)
@@ -308,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backends", type=_backends, default=list(BACKENDS),
                     help=f"comma-separated, of {', '.join(BACKENDS)} (default all)")
     ap.add_argument("--writers", type=lambda s: [int(w) for w in s.split(",") if w], default=[1, 16])
-    ap.add_argument("--duration", type=float, default=10.0, help="seconds per cell (default 10)")
+    ap.add_argument("--duration", type=float, default=10.0, help="seconds per run (default 10)")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per cell, interleaved (default 3)")
     ap.add_argument("--outage-writes", type=int, default=10_000, help="writes queued during the outage (0: skip)")
     ap.add_argument("--pg-max-conn", type=int, default=16, help="DB_POSTGRES_MAX_CONN (default 16)")
     ap.add_argument("--postgres", default=None, help="admin URL of a PostgreSQL (default: start one)")
@@ -322,6 +373,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return c.publish(args.out, "dual", result, markdown(result))
+
+
+_CELL_NUMBERS = itertools.count(1)
 
 
 def _backends(text: str) -> list[str]:

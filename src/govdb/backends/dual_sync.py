@@ -31,6 +31,7 @@ serialization failures and a busy SQLite file are *transient* (retried).
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -114,19 +115,23 @@ def describe(exc: BaseException) -> str:
 
 # -- reading the rows from SQLite (on the SQLite backend's thread) ------------------
 
-def read_rows(conn: Any, keys: Sequence[tuple[str, tuple[Any, ...]]]) -> dict[tuple[str, str], Any]:
-    """Return {(table, key text): (row dict or None, tag rows)} read losslessly, as the backfill reads."""
+def _row_sql(table: str) -> str:
+    where = " AND ".join(f"{quote_ident(c)} = ?" for c in KEYS[table])
+    return f"SELECT rowid AS _rowid, * FROM {quote_ident(table)} WHERE {where} ORDER BY rowid LIMIT 1"
+
+
+_ROW_SQL = {table: _row_sql(table) for table in TARGETS}
+
+
+def read_rows(conn: Any, keys: Sequence[tuple[str, tuple[Any, ...]]]) -> list[tuple[dict[str, Any] | None, list[Any]]]:
+    """Return (row dict or None, tag rows) of each key, in order, read losslessly, as the backfill reads."""
     import functools
-    from .outbox import encode
     factory = conn.text_factory
     conn.text_factory = functools.partial(str, encoding="utf-8", errors="surrogateescape")
     try:
-        out: dict[tuple[str, str], Any] = {}
+        out = []
         for table, key in keys:
-            cols = KEYS[table]
-            where = " AND ".join(f"{quote_ident(c)} = ?" for c in cols)
-            cur = conn.execute(f"SELECT rowid AS _rowid, * FROM {quote_ident(table)} WHERE {where}"
-                               " ORDER BY rowid LIMIT 1", tuple(key))
+            cur = conn.execute(_ROW_SQL[table], tuple(key))
             names = [d[0] for d in cur.description]
             found = cur.fetchone()
             row = None if found is None else dict(zip(names, found))
@@ -136,7 +141,7 @@ def read_rows(conn: Any, keys: Sequence[tuple[str, tuple[Any, ...]]]) -> dict[tu
                                    " ORDER BY rowid", (key[0],))
                 names = [d[0] for d in cur.description]
                 tags = [dict(zip(names, r)) for r in cur.fetchall()]
-            out[(table, encode(key))] = (row, tags)
+            out.append((row, tags))
         return out
     finally:
         conn.text_factory = factory
@@ -302,6 +307,7 @@ class Applier:
         self.sqlite = sqlite    # SQLiteDatabase
         self.graph = graph
         self._types: dict[str, list[str]] = {}
+        self._sql: dict[str, dict[str, str]] = {}
         self._graph_sql: dict[str, list[str]] | None = None
 
     async def apply(self, entries: Sequence[Entry]) -> dict[int, str]:
@@ -360,13 +366,12 @@ class Applier:
                         raise
                     failed[(item.table, item.key)] = describe(exc)
 
-    def _clean(self, keys: list[tuple[str, tuple[Any, ...]]], rows: dict[tuple[str, str], Any],
+    def _clean(self, keys: list[tuple[str, tuple[Any, ...]]], rows: list[tuple[dict[str, Any] | None, list[Any]]],
                failed: dict[tuple[str, tuple[Any, ...]], str]) -> list[_Item]:
         """Return the batch's rows as PostgreSQL takes them (keys not in SQLite have nothing to
         copy); a row the migration's cleaner refuses fails with its reason."""
         items = []
-        for table, key in keys:
-            row, tag_rows = rows[(table, _key_text(key))]
+        for (table, key), (row, tag_rows) in zip(keys, rows):
             if row is None:
                 continue
             cleaner = Cleaner(context=Context())  # one per row: no state carried between rows
@@ -420,25 +425,12 @@ class Applier:
                 await drop_unused_tags(conn, self.graph, dropped)
 
     async def _write_rows(self, conn: asyncpg.Connection, table: str, group: list[_Item]) -> None:
-        """Write a group of one table's rows with set-based statements."""
-        target = TARGETS[table]
-        types = await self._column_types(conn, target.table, target.columns)
-        n = len(target.columns)
-        arrays = [list(col) for col in zip(*(item.values for item in group))]
-        names = ", ".join(f"c{i}" for i in range(n))
-        source = f"unnest({', '.join(f'${i}::text[]' for i in range(1, n + 1))}) AS w({names})"
-        casts = ", ".join(f"w.c{i}::{t}" for i, t in enumerate(types))
-        cols = ", ".join(quote_ident(c) for c in target.columns)
-        into = quote_qualified(target.table)
+        """Write a group of one table's rows with set-based statements (the rows go as one jsonb
+        array of text values: one parameter, however many rows and columns)."""
+        sql = self._sql.get(table) or await self._table_sql(conn, table)
+        rows = json.dumps([item.values for item in group], ensure_ascii=False, separators=(",", ":"))
         if table in _ENTITY_KEY:
-            k = _ENTITY_KEY[table]
-            rest = [quote_ident(c) for c in target.columns if c != k]
-            await conn.execute(
-                f"INSERT INTO {into} AS t ({cols}) SELECT {casts} FROM {source}"
-                f" ON CONFLICT ({quote_ident(k)}) DO UPDATE"
-                f" SET ({', '.join(rest)}) = ROW({', '.join('EXCLUDED.' + c for c in rest)})"
-                f" WHERE ({', '.join('t.' + c for c in rest)}) IS DISTINCT FROM"
-                f" ({', '.join('EXCLUDED.' + c for c in rest)})", *arrays)
+            await conn.execute(sql["upsert"], rows)
             if table == "discoveries":
                 ids = [item.column("id") for item in group for _ in item.tags]
                 tags = [t for item in group for t in item.tags]
@@ -450,41 +442,66 @@ class Applier:
                     " WHERE w.id = d.discovery_id AND w.tag = d.tag)", ids, tags, [item.column("id") for item in group])
         elif table in _APPEND_KEY:
             if table == "audit_events":
-                await self._event_hashes(conn, group)
+                await self._event_hashes(conn, rows, len(group))
+            inserted = [r[0] for r in await conn.fetch(sql["insert"], rows)]
+            if len(inserted) < len(group):
+                # Those not inserted must already be there with the same content (applied before).
+                other = await conn.fetchval(sql["other"], rows, inserted)
+                if other is not None:
+                    raise PermanentError(f"{_APPEND_KEY[table]} {other} of {TARGETS[table].table} is already used"
+                                         " in PostgreSQL by a row with other content")
+        else:  # discovery_edges: the key is the whole identity, the row never changes
+            await conn.execute(sql["insert"], rows)
+
+    async def _table_sql(self, conn: asyncpg.Connection, table: str) -> dict[str, str]:
+        """Build (once) the set-based statements of a table; ``$1`` is the jsonb array of rows."""
+        target = TARGETS[table]
+        types = await self._column_types(conn, target.table, target.columns)
+        source = "jsonb_array_elements($1::text::jsonb) AS w(r)"
+        casts = ", ".join(f"(w.r->>{i})::{t}" for i, t in enumerate(types))
+        cols = ", ".join(quote_ident(c) for c in target.columns)
+        into = quote_qualified(target.table)
+        out: dict[str, str] = {}
+        if table in _ENTITY_KEY:
+            k = _ENTITY_KEY[table]
+            rest = [quote_ident(c) for c in target.columns if c != k]
+            out["upsert"] = (
+                f"INSERT INTO {into} AS t ({cols}) SELECT {casts} FROM {source}"
+                f" ON CONFLICT ({quote_ident(k)}) DO UPDATE"
+                f" SET ({', '.join(rest)}) = ROW({', '.join('EXCLUDED.' + c for c in rest)})"
+                f" WHERE ({', '.join('t.' + c for c in rest)}) IS DISTINCT FROM"
+                f" ({', '.join('EXCLUDED.' + c for c in rest)})")
+        elif table in _APPEND_KEY:
+            key = quote_ident(_APPEND_KEY[table])
             k = target.columns.index(_APPEND_KEY[table])
-            key_sql = f"w.c{k}::{types[k]}"
+            key_sql = f"(w.r->>{k})::{types[k]}"
             # tool_usage's key includes ts (partitions): NOT EXISTS keeps usage_id unique across months.
             where = f" WHERE NOT EXISTS (SELECT 1 FROM audit.tool_usage AS u WHERE u.usage_id = {key_sql})" \
                 if table == "tool_usage" else ""
-            inserted = [r[0] for r in await conn.fetch(
-                f"INSERT INTO {into} ({cols}) SELECT {casts} FROM {source}{where}"
-                f" ON CONFLICT DO NOTHING RETURNING {quote_ident(_APPEND_KEY[table])}::text", *arrays)]
-            if len(inserted) < len(group):
-                # Those not inserted must already be there with the same content (applied before).
-                other = await conn.fetchval(
-                    f"SELECT w.c{k} FROM {source} WHERE NOT ({key_sql}::text = ANY (${n + 1}::text[]))"
-                    f" AND NOT EXISTS (SELECT 1 FROM {into} AS t WHERE t.{quote_ident(_APPEND_KEY[table])} = {key_sql}"
-                    f" AND ({', '.join('t.' + quote_ident(c) for c in target.columns)}) IS NOT DISTINCT FROM ({casts}))"
-                    " LIMIT 1", *arrays, inserted)
-                if other is not None:
-                    raise PermanentError(f"{_APPEND_KEY[table]} {other} of {target.table} is already used"
-                                         " in PostgreSQL by a row with other content")
-        else:  # discovery_edges: the key is the whole identity, the row never changes
-            await conn.execute(f"INSERT INTO {into} ({cols}) SELECT {casts} FROM {source} ON CONFLICT DO NOTHING",
-                               *arrays)
+            out["insert"] = (f"INSERT INTO {into} ({cols}) SELECT {casts} FROM {source}{where}"
+                             f" ON CONFLICT DO NOTHING RETURNING {key}::text")
+            out["other"] = (f"SELECT w.r->>{k} FROM {source} WHERE NOT ({key_sql}::text = ANY ($2::text[]))"
+                            f" AND NOT EXISTS (SELECT 1 FROM {into} AS t WHERE t.{key} = {key_sql}"
+                            f" AND ({', '.join('t.' + quote_ident(c) for c in target.columns)}) IS NOT DISTINCT FROM"
+                            f" ({casts})) LIMIT 1")
+        else:
+            out["insert"] = f"INSERT INTO {into} ({cols}) SELECT {casts} FROM {source} ON CONFLICT DO NOTHING"
+        self._sql[table] = out
+        return out
 
-    async def _event_hashes(self, conn: asyncpg.Connection, group: list[_Item]) -> None:
+    async def _event_hashes(self, conn: asyncpg.Connection, rows: str, n: int) -> None:
         """Claim each event's content hash (audit.event_hashes: one event per content)."""
-        h = [[item.column(c) for item in group] for c in ("raw_hash", "event_id", "ts")]
+        h, e, ts = (TARGETS["audit_events"].columns.index(c) for c in ("raw_hash", "event_id", "ts"))
         fresh = [r[0] for r in await conn.fetch(
-            "INSERT INTO audit.event_hashes (raw_hash, event_id, ts) SELECT w.h, w.e::uuid, w.ts::timestamptz"
-            " FROM unnest($1::text[], $2::text[], $3::text[]) AS w(h, e, ts) ON CONFLICT DO NOTHING"
-            " RETURNING event_id::text", *h)]
-        if len(fresh) < len(group):
+            f"INSERT INTO audit.event_hashes (raw_hash, event_id, ts) SELECT w.r->>{h}, (w.r->>{e})::uuid,"
+            f" (w.r->>{ts})::timestamptz FROM jsonb_array_elements($1::text::jsonb) AS w(r) ON CONFLICT DO NOTHING"
+            " RETURNING event_id::text", rows)]
+        if len(fresh) < n:
             other = await conn.fetchval(
-                "SELECT w.e FROM unnest($1::text[], $2::text[]) AS w(h, e) WHERE NOT (w.e::uuid::text = ANY ($3::text[]))"
-                " AND NOT EXISTS (SELECT 1 FROM audit.event_hashes AS x WHERE x.raw_hash = w.h AND x.event_id = w.e::uuid)"
-                " LIMIT 1", h[0], h[1], fresh)
+                f"SELECT w.r->>{e} FROM jsonb_array_elements($1::text::jsonb) AS w(r)"
+                f" WHERE NOT ((w.r->>{e})::uuid::text = ANY ($2::text[])) AND NOT EXISTS (SELECT 1"
+                f" FROM audit.event_hashes AS x WHERE x.raw_hash = w.r->>{h} AND x.event_id = (w.r->>{e})::uuid)"
+                " LIMIT 1", rows, fresh)
             if other is not None:
                 raise PermanentError(f"audit event {other}: PostgreSQL holds its content or its event_id"
                                      " under another event")
