@@ -151,7 +151,7 @@ class _Sink:
 
     def __call__(self, conn: Any, result: Any) -> None:
         self.entries = outbox.enqueue(conn, self.op, _rows_for(conn, result))
-        self.owned.add(self.entries)  # before COMMIT: no replay can take them for orphans
+        self.owned.add(self.entries)  # before COMMIT: no replay takes them for another process's leftovers
 
 
 class _Owned:
