@@ -53,6 +53,8 @@ async def mixed_writes(db, prefix: str = "") -> None:
     await db.create_identity(f"{p}kid", api_key="k-kid", parent_agent_id=f"{p}root", spawn_reason="split")
     await db.update_identity_status(f"{p}kid", "paused", reason="review")
     await db.update_identity(f"{p}root", tags=["ops", "core", "new"], notes="changed")
+    await db.update_identity(f"{p}kid", tags=["solo"])
+    await db.update_identity(f"{p}kid", tags=[])  # its HAS_TAG edge and the unused Tag node go
     await db.create_session(f"{p}s1", f"{p}root", ttl=timedelta(seconds=60))
     await db.touch_session(f"{p}s1")
     await db.create_session(f"{p}s2", f"{p}kid", ttl=timedelta(seconds=1))
@@ -69,7 +71,8 @@ async def mixed_writes(db, prefix: str = "") -> None:
     assert not fresh and again.event_id == ev.event_id
     await db.record_tool_usage("search", agent_id=f"{p}root", latency_ms=12, success=False, error_type="timeout")
     await db.add_discovery(f"{p}d1", agent_id=f"{p}root", type="bug", summary="first thing", tags=["x", "y"])
-    await db.add_discovery(f"{p}d2", agent_id=f"{p}kid", type="fix", summary="answer", details="more words")
+    await db.add_discovery(f"{p}d2", agent_id=f"{p}kid", type="fix", summary="answer", details="more words",
+                           tags=["y"])
     await db.link_discoveries(f"{p}d2", f"{p}d1", edge_type="response_to", response_type="support", weight=0.5)
     await db.link_discoveries(f"{p}d1", f"{p}d2")
     await db.update_discovery_status(f"{p}d1", "resolved")

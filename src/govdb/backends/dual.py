@@ -63,7 +63,7 @@ REPLAY_BATCH = 200
 APPLY_BATCH = 200
 #: How long the background applier lets writes gather before each batch (seconds): the
 #: statements of a batch are set-based, so fewer, larger batches cost less per write.
-APPLY_LINGER = 0.02
+APPLY_LINGER = 0.05
 #: Entries queued in memory beyond this are left to the replayer (they are in the outbox).
 MAX_QUEUED = 20_000
 #: Applied records are deleted from the outbox once this many have gathered (or on the poll).

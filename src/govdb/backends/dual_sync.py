@@ -123,24 +123,48 @@ def _row_sql(table: str) -> str:
 _ROW_SQL = {table: _row_sql(table) for table in TARGETS}
 
 
+def _rows_where(conn: Any, sql: str, args: tuple[Any, ...]) -> list[dict[str, Any]]:
+    cur = conn.execute(sql, args)
+    names = [d[0] for d in cur.description]
+    return [dict(zip(names, r)) for r in cur.fetchall()]
+
+
 def read_rows(conn: Any, keys: Sequence[tuple[str, tuple[Any, ...]]]) -> list[tuple[dict[str, Any] | None, list[Any]]]:
-    """Return (row dict or None, tag rows) of each key, in order, read losslessly, as the backfill reads."""
+    """Return (row dict or None, tag rows) of each key, in order, read losslessly, as the backfill reads.
+
+    Keys of one column are read a table at a time (``IN``); the first row by rowid is a key's
+    row. A key no row of that read equals in Python (absent, or an odd legacy value SQLite
+    compares with type affinity) is read on its own, as the backfill's lookup reads it."""
     import functools
     factory = conn.text_factory
     conn.text_factory = functools.partial(str, encoding="utf-8", errors="surrogateescape")
     try:
+        found: dict[tuple[str, tuple[Any, ...]], dict[str, Any]] = {}
+        by_table: dict[str, list[Any]] = {}
+        for table, key in keys:
+            if len(KEYS[table]) == 1:
+                by_table.setdefault(table, []).append(key[0])
+        for table, values in by_table.items():
+            col = KEYS[table][0]
+            for row in _rows_where(conn, f"SELECT rowid AS _rowid, * FROM {quote_ident(table)} WHERE {quote_ident(col)}"
+                                         " IN (SELECT value FROM json_each(?)) ORDER BY rowid", (json.dumps(values),)):
+                found.setdefault((table, (row[col],)), row)
+        tags_of: dict[Any, list[dict[str, Any]]] = {}
+        discoveries = by_table.get("discoveries")
+        if discoveries:
+            for row in _rows_where(conn, "SELECT rowid AS _rowid, * FROM discovery_tags WHERE discovery_id"
+                                         " IN (SELECT value FROM json_each(?)) ORDER BY rowid", (json.dumps(discoveries),)):
+                tags_of.setdefault(row["discovery_id"], []).append(row)
         out = []
         for table, key in keys:
-            cur = conn.execute(_ROW_SQL[table], tuple(key))
-            names = [d[0] for d in cur.description]
-            found = cur.fetchone()
-            row = None if found is None else dict(zip(names, found))
-            tags: list[dict[str, Any]] = []
-            if table == "discoveries" and row is not None:
-                cur = conn.execute("SELECT rowid AS _rowid, * FROM discovery_tags WHERE discovery_id = ?"
-                                   " ORDER BY rowid", (key[0],))
-                names = [d[0] for d in cur.description]
-                tags = [dict(zip(names, r)) for r in cur.fetchall()]
+            row = found.get((table, tuple(key)))
+            if row is None:
+                rows = _rows_where(conn, _ROW_SQL[table], tuple(key))
+                row = rows[0] if rows else None
+            tags = tags_of.get(key[0]) if table == "discoveries" and row is not None else []
+            if tags is None:  # none by Python equality: ask SQLite, as the backfill does
+                tags = _rows_where(conn, "SELECT rowid AS _rowid, * FROM discovery_tags WHERE discovery_id = ?"
+                                         " ORDER BY rowid", (key[0],))
             out.append((row, tags))
         return out
     finally:
@@ -185,8 +209,10 @@ def _node_sql(graph: str, label: str, keys: str) -> str:
             f" ON CONFLICT ({key_expr('properties', label)}) DO UPDATE SET properties = EXCLUDED.properties")
 
 
-def _tag_nodes_sql(graph: str, want: str) -> str:
-    return (f"INSERT INTO {label_table(graph, 'Tag')} (properties) SELECT ag_catalog.agtype_build_map('name', n.t)"
+def _tagged_node_sql(graph: str, label: str, keys: str, want: str) -> str:
+    """The node upsert and the Tag nodes its tags need, in one statement (different tables)."""
+    return (f"WITH node AS ({_node_sql(graph, label, keys)})"
+            f" INSERT INTO {label_table(graph, 'Tag')} (properties) SELECT ag_catalog.agtype_build_map('name', n.t)"
             f" FROM (SELECT DISTINCT w.other FROM ({want}) AS w(key, other)) AS n(t)"
             f" ON CONFLICT ({key_expr('properties', 'Tag')}) DO NOTHING")
 
@@ -199,23 +225,26 @@ def _edge_sql(graph: str, label: str, start: str, end: str, key_end: str, keys: 
     cols = ", ".join(("key", "other", *props))
     a_key = _k(start, "w.key" if key_end == "start" else "w.other")
     b_key = _k(end, "w.key" if key_end == "end" else "w.other")
-    out = [f"INSERT INTO {t} (start_id, end_id{', properties' if props else ''})"
-           f" SELECT a.id, b.id{', ' + build_map(props, 'w') if props else ''} FROM ({want}) AS w({cols})"
-           f" JOIN ONLY {label_table(graph, start)} AS a ON {key_expr('a.properties', start)} = {a_key}"
-           f" JOIN ONLY {label_table(graph, end)} AS b ON {key_expr('b.properties', end)} = {b_key}"
-           f" WHERE NOT EXISTS (SELECT 1 FROM ONLY {t} AS x WHERE x.start_id = a.id AND x.end_id = b.id)"]
-    if exact:
-        mine, other = ("a", "b") if key_end == "start" else ("b", "a")
-        mine_label, other_label = (start, end) if key_end == "start" else (end, start)
-        out.append(
-            f"DELETE FROM ONLY {t} AS x USING ONLY {label_table(graph, start)} AS a, ONLY {label_table(graph, end)} AS b"
+    insert = (f"INSERT INTO {t} (start_id, end_id{', properties' if props else ''})"
+              f" SELECT a.id, b.id{', ' + build_map(props, 'w') if props else ''} FROM ({want}) AS w({cols})"
+              f" JOIN ONLY {label_table(graph, start)} AS a ON {key_expr('a.properties', start)} = {a_key}"
+              f" JOIN ONLY {label_table(graph, end)} AS b ON {key_expr('b.properties', end)} = {b_key}"
+              f" WHERE NOT EXISTS (SELECT 1 FROM ONLY {t} AS x WHERE x.start_id = a.id AND x.end_id = b.id)")
+    if not exact:
+        return [insert]
+    mine, other = ("a", "b") if key_end == "start" else ("b", "a")
+    mine_label, other_label = (start, end) if key_end == "start" else (end, start)
+    # One statement: the DELETE (edges no longer wanted) and the INSERT (wanted, missing) touch
+    # different edges, so neither needs to see the other's change.
+    return [f"WITH gone AS (DELETE FROM ONLY {t} AS x USING ONLY {label_table(graph, start)} AS a,"
+            f" ONLY {label_table(graph, end)} AS b"
             f" WHERE x.start_id = a.id AND x.end_id = b.id"
             f" AND {key_expr(mine + '.properties', mine_label)} IN"
             f" (SELECT {_k(mine_label, 'k.v')} FROM unnest({keys}) AS k(v))"
             f" AND NOT EXISTS (SELECT 1 FROM ({want}) AS w({cols})"
             f" WHERE {key_expr(mine + '.properties', mine_label)} = {_k(mine_label, 'w.key')}"
-            f" AND {key_expr(other + '.properties', other_label)} = {_k(other_label, 'w.other')})")
-    return out
+            f" AND {key_expr(other + '.properties', other_label)} = {_k(other_label, 'w.other')}))"
+            f" {insert}"]
 
 
 def graph_statements(graph: str) -> dict[str, list[str]]:
@@ -234,13 +263,13 @@ def graph_statements(graph: str) -> dict[str, list[str]]:
     link_props = ("response_type", "weight", "created_at")
     return {
         "agent_metadata": [
-            _node_sql(graph, "Agent", keys), _tag_nodes_sql(graph, agent_tags),
+            _tagged_node_sql(graph, "Agent", keys, agent_tags),
             *_edge_sql(graph, "HAS_TAG", "Agent", "Tag", "start", keys, agent_tags),
             *_edge_sql(graph, "SPAWNED", "Agent", "Agent", "end", keys,
                        "SELECT agent_id, parent_agent_id FROM core.identities"
                        f" WHERE agent_id = ANY ({keys}) AND parent_agent_id IS NOT NULL")],
         "discoveries": [
-            _node_sql(graph, "Discovery", keys), _tag_nodes_sql(graph, disc_tags),
+            _tagged_node_sql(graph, "Discovery", keys, disc_tags),
             *_edge_sql(graph, "HAS_TAG", "Discovery", "Tag", "start", keys, disc_tags)],
         "discovery_edges": [
             *_edge_sql(graph, "RELATED_TO", "Discovery", "Discovery", "start", keys, links("related_to"),
@@ -434,12 +463,14 @@ class Applier:
             if table == "discoveries":
                 ids = [item.column("id") for item in group for _ in item.tags]
                 tags = [t for item in group for t in item.tags]
-                await conn.execute("INSERT INTO core.discovery_tags (discovery_id, tag)"
-                                   " SELECT * FROM unnest($1::text[], $2::text[]) ON CONFLICT DO NOTHING", ids, tags)
+                # The DELETE (tags dropped) and the INSERT (tags added) touch different rows.
                 await conn.execute(
-                    "DELETE FROM core.discovery_tags AS d WHERE d.discovery_id = ANY ($3::text[])"
+                    "WITH gone AS (DELETE FROM core.discovery_tags AS d WHERE d.discovery_id = ANY ($3::text[])"
                     " AND NOT EXISTS (SELECT 1 FROM unnest($1::text[], $2::text[]) AS w(id, tag)"
-                    " WHERE w.id = d.discovery_id AND w.tag = d.tag)", ids, tags, [item.column("id") for item in group])
+                    " WHERE w.id = d.discovery_id AND w.tag = d.tag))"
+                    " INSERT INTO core.discovery_tags (discovery_id, tag)"
+                    " SELECT * FROM unnest($1::text[], $2::text[]) ON CONFLICT DO NOTHING",
+                    ids, tags, [item.column("id") for item in group])
         elif table in _APPEND_KEY:
             if table == "audit_events":
                 await self._event_hashes(conn, rows, len(group))
