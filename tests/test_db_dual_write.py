@@ -214,8 +214,8 @@ async def test_a_poison_write_in_a_replayed_batch_is_parked_alone(dual):
         await db.close()
     assert result.error is None and result.pending == 0 and result.parked == 1 and result.applied == queued - 1
     assert [e.key for e in outbox.parked_entries(dual.settings.sqlite_path)] == [("poison",)]
-    sql = "SELECT id FROM core.discoveries"
-    assert await pg_ids(dual, sql) == [d for d in sqlite_ids(dual, "SELECT id FROM discoveries") if d != "poison"]
+    assert await pg_ids(dual, "SELECT id FROM core.discoveries") == [
+        d for d in sqlite_ids(dual, "SELECT id FROM discoveries") if d != "poison"]
     assert await pg_ids(dual, "SELECT agent_id FROM core.identities") == ["a-kid", "a-root", "b-kid", "b-root"]
     await dual.execute("ALTER TABLE core.discoveries DROP CONSTRAINT no_poison")
     db = await open_dual(dual.settings)

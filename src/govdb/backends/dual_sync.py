@@ -15,10 +15,10 @@ inserted once (a stored row with other content under the same key is an
 error, never overwritten). Graph nodes and edges of the keys are upserted
 with the SQL of :mod:`govdb.migrate.graph`, keyed as it keys them.
 
-A batch is written set-based: per table one statement over arrays of the
-batch's values (``unnest``), per graph statement one for all its keys, in
-TARGETS order (parents first), so a batch of 200 costs about as many round
-trips as a batch of one. If PostgreSQL refuses a row, that try is rolled
+A batch is written set-based: per table one statement over the batch's rows
+(one jsonb array of text values), per graph statement one for all its keys
+(arrays), in TARGETS order (parents first), so a batch of 200 costs as many
+round trips as a batch of one. If PostgreSQL refuses a row, that try is rolled
 back and the batch is written again row by row, each under a savepoint, so
 only the refused row fails.
 
@@ -305,8 +305,9 @@ def tags_sql(graph: str, label: str) -> str:
 
 #: Legacy tables whose rows carry tags in the graph, and the label of their node.
 _TAGGED = {"agent_metadata": "Agent", "discoveries": "Discovery"}
-#: Legacy table -> the PostgreSQL columns its graph statements are keyed by.
+#: Where an identity row's tags are among its cleaned values.
 _TAGS_AT = TARGETS["agent_metadata"].columns.index("tags")
+#: Legacy table -> the PostgreSQL columns its graph statements are keyed by.
 _GRAPH_KEY = {"agent_metadata": ("agent_id",), "discoveries": ("id",), "discovery_edges": ("src_id", "dst_id", "edge_type"),
               "dialectic_sessions": ("session_id",), "dialectic_messages": ("id",)}
 
