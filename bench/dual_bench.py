@@ -9,10 +9,12 @@ per writer made up front, then writes for --duration seconds, each writer
 choosing among the four kinds alike: agent state, audit event, tool usage,
 discovery with two tags. Reports write latency p50/p99/max and writes/s
 (also per kind) and this process's CPU per write (applying to PostgreSQL
-included, PostgreSQL's own CPU not). Backends: sqlite, postgres, dual (DB_DUAL_APPLY=background,
-the default) and dual-sync (DB_DUAL_APPLY=sync). For the dual ones it also
-samples, every 20 ms, how many acknowledged writes wait for PostgreSQL, and
-times how long after the last write the outbox is empty.
+included, PostgreSQL's own CPU not). Backends: sqlite, postgres, dual
+(DB_DUAL_APPLY=background, the default) and dual-sync (DB_DUAL_APPLY=sync).
+For the dual ones it also samples, every 20 ms, how many acknowledged writes
+are queued for the background applier (the batch it is applying not
+counted), and times when PostgreSQL had them all and when the outbox
+records were deleted.
 
 Then the outage: in dual mode with PostgreSQL unreachable (DB_POSTGRES_URL
 on a port where nothing listens) --outage-writes writes are made (16
@@ -115,7 +117,7 @@ async def drive(db: Any, writers: int, *, duration: float | None = None, total: 
 
     depths: list[int] = []
 
-    async def sampler() -> None:  # acknowledged writes not yet in PostgreSQL (dual)
+    async def sampler() -> None:  # acknowledged writes queued for the applier (dual)
         while True:
             depths.append(db.queued)
             await asyncio.sleep(0.02)
