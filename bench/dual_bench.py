@@ -300,7 +300,7 @@ def markdown(r: dict[str, Any]) -> str:
                      f" {x['client_cpu_ms_per_write']:.3f} | {', '.join(c.fmt(v) for v in x['p50_ms_runs'])} |")
     duals = [x for x in r["cells"] if x["backend"].startswith("dual") and "error" not in x]
     if duals:
-        lines += ["", "| backend | writers | writes waiting for PostgreSQL during the load: mean | max |"
+        lines += ["", "| backend | writers | writes queued for the applier (batch in flight not counted): mean | max |"
                       " PostgreSQL had them all, after the last write | outbox records deleted, after that |"
                       " row counts of both stores |",
                   "|---|---:|---:|---:|---:|---:|---|"]
