@@ -429,6 +429,27 @@ async def test_write_returns_while_postgres_is_slow_and_lands_after(dual):
     await assert_verified(dual)
 
 
+async def test_replay_leaves_this_process_s_queued_writes_to_its_applier(dual, monkeypatch):
+    # The replayer (and `replay(flush=False)`, what it runs) must not apply records the
+    # background applier holds: applying them twice at once doubled the work under load.
+    from govdb.backends import dual as dual_module
+    monkeypatch.setattr(dual_module, "APPLY_LINGER", 30.0)  # the applier waits: the writes stay queued
+    db = await open_dual(dual.settings)
+    try:
+        await db.create_identity("a", api_key="k")
+        await db.record_agent_state("a", energy=0.5, integrity=0.5, entropy=0.5, void=0.0)
+        assert db.queued == 2
+        result = await db.replay(flush=False)
+        assert result.applied == 0 and result.pending == 2
+        assert await pg_ids(dual, "SELECT agent_id FROM core.identities") == []
+        await db.flush()  # the applier's own, now
+        assert db.queued == 0 and await db.in_step()
+        assert await pg_ids(dual, "SELECT agent_id FROM core.identities") == ["a"]
+    finally:
+        await db.close()
+    await assert_verified(dual)
+
+
 async def test_sync_apply_waits_for_postgres(dual):
     db = await open_dual(replace(dual.settings, dual_apply="sync"))
     blocker = await asyncpg.connect(dual.settings.postgres_url.reveal())
