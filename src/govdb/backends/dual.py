@@ -81,6 +81,13 @@ SEQUENCE_SYNC_SECONDS = 5.0
 #: Tries of a write's apply that lost a lock conflict before it is left to the replayer.
 LOCK_CONFLICT_TRIES = 3
 
+#: Write primitives that are the SQLite write with its outbox record (``_dual``), as they are.
+_WRITES = (
+    "_create_identity", "_update_identity_status", "_update_identity", "_create_session", "_touch_session",
+    "_end_session", "_record_agent_state", "_update_calibration", "_append_audit_event", "_record_tool_usage",
+    "_add_discovery", "_update_discovery_status", "_link_discoveries", "_create_dialectic_session",
+    "_assign_reviewer", "_add_dialectic_message", "_set_dialectic_phase", "_resolve_dialectic_session",
+)
 _READS = (
     "_get_identity", "_list_identities", "_get_api_key_hash", "_get_lineage", "_list_children", "_get_session",
     "_get_active_sessions", "_get_latest_agent_state", "_get_agent_state_history", "_get_calibration",
@@ -411,25 +418,6 @@ class DualDatabase(Database):
         self._give_back([e.seq for e in entries if e.seq not in failed])
         self._applied_since_sync = True
 
-    async def _create_identity(self, ident, api_key_hash):  # type: ignore[no-untyped-def]
-        return await self._dual("create_identity", self.sqlite._create_identity, ident, api_key_hash)
-
-    async def _update_identity_status(self, agent_id, status, reason, now):  # type: ignore[no-untyped-def]
-        return await self._dual("update_identity_status", self.sqlite._update_identity_status,
-                                agent_id, status, reason, now)
-
-    async def _update_identity(self, agent_id, tags, notes, metadata, now):  # type: ignore[no-untyped-def]
-        return await self._dual("update_identity", self.sqlite._update_identity, agent_id, tags, notes, metadata, now)
-
-    async def _create_session(self, sess):  # type: ignore[no-untyped-def]
-        return await self._dual("create_session", self.sqlite._create_session, sess)
-
-    async def _touch_session(self, session_id, now, expires_at):  # type: ignore[no-untyped-def]
-        return await self._dual("touch_session", self.sqlite._touch_session, session_id, now, expires_at)
-
-    async def _end_session(self, session_id, now):  # type: ignore[no-untyped-def]
-        return await self._dual("end_session", self.sqlite._end_session, session_id, now)
-
     async def _expire_sessions(self, now: datetime) -> int:
         cond = f"{_bool('is_active', 1)} AND {_ts('expires_at')} <= ?"
 
@@ -441,44 +429,6 @@ class DualDatabase(Database):
             return _Expired(count, ids)
         result: _Expired = await self._dual("expire_sessions", self.sqlite._write, tx)
         return result.count
-
-    async def _record_agent_state(self, snap):  # type: ignore[no-untyped-def]
-        return await self._dual("record_agent_state", self.sqlite._record_agent_state, snap)
-
-    async def _update_calibration(self, state, expected_version, now):  # type: ignore[no-untyped-def]
-        return await self._dual("update_calibration", self.sqlite._update_calibration, state, expected_version, now)
-
-    async def _append_audit_event(self, ev):  # type: ignore[no-untyped-def]
-        return await self._dual("append_audit_event", self.sqlite._append_audit_event, ev)
-
-    async def _record_tool_usage(self, use):  # type: ignore[no-untyped-def]
-        return await self._dual("record_tool_usage", self.sqlite._record_tool_usage, use)
-
-    async def _add_discovery(self, disc):  # type: ignore[no-untyped-def]
-        return await self._dual("add_discovery", self.sqlite._add_discovery, disc)
-
-    async def _update_discovery_status(self, discovery_id, status, now):  # type: ignore[no-untyped-def]
-        return await self._dual("update_discovery_status", self.sqlite._update_discovery_status,
-                                discovery_id, status, now)
-
-    async def _link_discoveries(self, link):  # type: ignore[no-untyped-def]
-        return await self._dual("link_discoveries", self.sqlite._link_discoveries, link)
-
-    async def _create_dialectic_session(self, sess):  # type: ignore[no-untyped-def]
-        return await self._dual("create_dialectic_session", self.sqlite._create_dialectic_session, sess)
-
-    async def _assign_reviewer(self, session_id, reviewer_agent_id, now):  # type: ignore[no-untyped-def]
-        return await self._dual("assign_reviewer", self.sqlite._assign_reviewer, session_id, reviewer_agent_id, now)
-
-    async def _add_dialectic_message(self, msg):  # type: ignore[no-untyped-def]
-        return await self._dual("add_dialectic_message", self.sqlite._add_dialectic_message, msg)
-
-    async def _set_dialectic_phase(self, session_id, phase, now):  # type: ignore[no-untyped-def]
-        return await self._dual("set_dialectic_phase", self.sqlite._set_dialectic_phase, session_id, phase, now)
-
-    async def _resolve_dialectic_session(self, session_id, resolution, status, now):  # type: ignore[no-untyped-def]
-        return await self._dual("resolve_dialectic_session", self.sqlite._resolve_dialectic_session,
-                                session_id, resolution, status, now)
 
     # -- reads -------------------------------------------------------------
 
@@ -687,8 +637,17 @@ def _make_read(name: str) -> Callable[..., Awaitable[Any]]:
     return read
 
 
+def _make_write(name: str) -> Callable[..., Awaitable[Any]]:
+    async def write(self: DualDatabase, *args: Any) -> Any:
+        return await self._dual(name.lstrip("_"), getattr(self.sqlite, name), *args)
+    write.__name__ = name
+    return write
+
+
 for _name in _READS:
     setattr(DualDatabase, _name, _make_read(_name))
+for _name in _WRITES:
+    setattr(DualDatabase, _name, _make_write(_name))
 abc.update_abstractmethods(DualDatabase)
 
 
