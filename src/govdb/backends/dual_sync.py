@@ -338,7 +338,7 @@ class Applier:
         self.graph = graph
         self._types: dict[str, list[str]] = {}
         self._sql: dict[str, dict[str, str]] = {}
-        self._graph_sql: dict[str, list[str]] | None = None
+        self._graph_sql: dict[str, list[tuple[str, int]]] | None = None  # (statement, parameters it takes)
 
     async def apply(self, entries: Sequence[Entry]) -> dict[int, str]:
         """Apply entries in one transaction; return {seq: reason} of those that can never land.
@@ -441,15 +441,16 @@ class Applier:
             await self._write_rows(conn, table, by_table[table])
         if self.pg.supports_graph:
             if self._graph_sql is None:
-                self._graph_sql = graph_statements(self.graph)
+                self._graph_sql = {table: [(sql, _param_count(sql)) for sql in statements]
+                                   for table, statements in graph_statements(self.graph).items()}
             for table in order:
                 group = by_table[table]
                 statements = self._graph_sql.get(table, [])
                 if not statements:
                     continue
                 args = [list(c) for c in zip(*([item.column(c) for c in _GRAPH_KEY[table]] for item in group))]
-                for sql in statements:
-                    await conn.execute(sql, *args[:max(int(n) for n in _params(sql))])
+                for sql, n in statements:
+                    await conn.execute(sql, *args[:n])
             dropped = set().union(*(item.dropped_tags() for item in items if item.table in _TAGGED))
             if dropped:
                 await drop_unused_tags(conn, self.graph, dropped)
@@ -548,9 +549,10 @@ class Applier:
         return types
 
 
-def _params(sql: str) -> list[str]:
+def _param_count(sql: str) -> int:
+    """The highest ``$n`` a statement uses (0: none)."""
     import re
-    return re.findall(r"\$(\d+)", sql) or ["0"]
+    return max((int(n) for n in re.findall(r"\$(\d+)", sql)), default=0)
 
 
 def _key_text(key: tuple[Any, ...]) -> str:
